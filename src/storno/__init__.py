@@ -1,0 +1,99 @@
+"""storno: durable sagas.
+
+Multi-step workflows across systems with no shared transaction either finish or are cleanly
+compensated, and survive crashes on the way. The original booking stays; a counter-booking
+undoes its effect.
+"""
+
+from storno._app import RunHandle, Storno
+from storno._definitions import (
+    NOT_APPLIED,
+    UNKNOWN,
+    CompensationContext,
+    NotApplied,
+    Saga,
+    Step,
+    StepContext,
+    Unknown,
+    saga,
+    step,
+)
+from storno._engine import SagaContext, SyncSagaContext
+from storno._errors import (
+    ArgumentMismatchError,
+    CompensationFailedError,
+    ConfigurationError,
+    DeterminismError,
+    LeaseLostError,
+    NeedsAttentionError,
+    OutcomeUnknownError,
+    PayloadTooLargeError,
+    PlanError,
+    RunCompensatedError,
+    RunConflictError,
+    RunFailedError,
+    RunNotFoundError,
+    SerializationError,
+    StepFailedError,
+    StoreError,
+    StornoError,
+    TerminalError,
+    WaitTimeoutError,
+)
+from storno._model import RetryPolicy, RunStatus, StepKind
+from storno._plan import Plan, PlanStep, validate_plan
+from storno._views import CompensationInfo, HistoryEvent, RunInfo, StepInfo
+from storno._worker import Worker
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    # application and runs
+    "Storno",
+    "RunHandle",
+    "Worker",
+    "RunStatus",
+    "RunInfo",
+    "StepInfo",
+    "CompensationInfo",
+    "HistoryEvent",
+    # declaring sagas and steps
+    "saga",
+    "step",
+    "Saga",
+    "Step",
+    "StepKind",
+    "RetryPolicy",
+    "SagaContext",
+    "SyncSagaContext",
+    "StepContext",
+    "CompensationContext",
+    "NOT_APPLIED",
+    "NotApplied",
+    "UNKNOWN",
+    "Unknown",
+    # sagas as data
+    "Plan",
+    "PlanStep",
+    "validate_plan",
+    # errors
+    "StornoError",
+    "ConfigurationError",
+    "PlanError",
+    "SerializationError",
+    "PayloadTooLargeError",
+    "DeterminismError",
+    "ArgumentMismatchError",
+    "RunConflictError",
+    "RunNotFoundError",
+    "StoreError",
+    "LeaseLostError",
+    "TerminalError",
+    "OutcomeUnknownError",
+    "StepFailedError",
+    "WaitTimeoutError",
+    "RunFailedError",
+    "RunCompensatedError",
+    "CompensationFailedError",
+    "NeedsAttentionError",
+]

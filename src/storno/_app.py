@@ -1,0 +1,359 @@
+"""The application object: where sagas are registered, runs started, and results awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from storno._clock import Clock, SystemClock
+from storno._definitions import Saga, Step
+from storno._errors import (
+    CompensationFailedError,
+    ConfigurationError,
+    NeedsAttentionError,
+    RunCompensatedError,
+    RunConflictError,
+    RunFailedError,
+    RunNotFoundError,
+    WaitTimeoutError,
+)
+from storno._model import Event, EventType, Lease, RunStatus, seconds
+from storno._plan import PLAN_SAGA, Plan, PlanStep, parse_plan, validate_plan
+from storno._serde import DEFAULT_MAX_PAYLOAD_BYTES, decode, describe, encode
+from storno._store import NewRun, Store, open_store
+from storno._views import RunInfo, describe_run
+from storno._worker import Worker
+
+__all__ = ["DEFAULT_URL", "RunHandle", "Storno"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_URL = "sqlite:///storno.db"
+ENDED = frozenset(
+    {
+        RunStatus.COMPLETED,
+        RunStatus.COMPENSATED,
+        RunStatus.COMPENSATION_FAILED,
+        RunStatus.NEEDS_ATTENTION,
+        RunStatus.CANCELLED,
+    }
+)
+"""States in which no worker will move a run without a person (or never again)."""
+
+_FAILURES: Mapping[RunStatus, type[RunFailedError]] = {
+    RunStatus.COMPENSATED: RunCompensatedError,
+    RunStatus.COMPENSATION_FAILED: CompensationFailedError,
+    RunStatus.NEEDS_ATTENTION: NeedsAttentionError,
+    RunStatus.CANCELLED: RunFailedError,
+}
+
+
+class Storno:
+    """A storno application: a store, the sagas and steps it knows, and its workers.
+
+    ``url`` defaults to ``$STORNO_URL``, else ``sqlite:///storno.db`` in the working folder.
+    Use it as ``async with Storno(url, sagas=[...]) as app:``.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        sagas: Iterable[Saga[..., Any]] = (),
+        steps: Iterable[Step[..., Any]] = (),
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        lease_seconds: float | timedelta = 30.0,
+        clock: Clock | None = None,
+    ) -> None:
+        self.url = url or os.environ.get("STORNO_URL") or DEFAULT_URL
+        self.store: Store = open_store(self.url)
+        if max_payload_bytes < 1024:
+            raise ConfigurationError(
+                f"max_payload_bytes must be at least 1024, got {max_payload_bytes}"
+            )
+        self.max_payload_bytes = max_payload_bytes
+        self.lease_seconds = seconds(lease_seconds, "lease_seconds") or 30.0
+        self.clock: Clock = clock or SystemClock()
+        # Saga bodies written as plain functions each hold a thread while they wait on their
+        # steps, so they get a pool of their own: sharing one with sync steps could deadlock.
+        self.body_executor: Executor = ThreadPoolExecutor(256, thread_name_prefix="storno-saga")
+        self.step_executor: Executor = ThreadPoolExecutor(64, thread_name_prefix="storno-step")
+        self._sagas: dict[str, Saga[..., Any]] = {}
+        self._steps: dict[str, Step[..., Any]] = {}
+        self._workers: list[Worker] = []
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._opened = False
+        self.register(*sagas, *steps)
+
+    # --- registry ----------------------------------------------------------------------
+
+    def register(self, *items: Saga[..., Any] | Step[..., Any]) -> None:
+        """Make sagas runnable by this application's workers, and steps usable in plans."""
+        for item in items:
+            if isinstance(item, Saga):
+                table: dict[str, Any] = self._sagas
+            elif isinstance(item, Step):
+                table = self._steps
+            else:
+                raise ConfigurationError(
+                    f"register() takes sagas and steps made with @storno.saga / @storno.step, "
+                    f"got {item!r}"
+                )
+            known = table.get(item.name)
+            if known is not None and known.fn is not item.fn:
+                raise ConfigurationError(
+                    f"two different functions are registered as {item.name!r} "
+                    f"({known.fn.__module__}.{known.fn.__qualname__} and "
+                    f"{item.fn.__module__}.{item.fn.__qualname__}); give one a name= of its own"
+                )
+            table[item.name] = item
+
+    @property
+    def saga_names(self) -> list[str]:
+        names = list(self._sagas)
+        if self._steps:
+            names.append(PLAN_SAGA.name)
+        return names
+
+    def find_saga(self, name: str) -> Saga[..., Any]:
+        if name == PLAN_SAGA.name:
+            return PLAN_SAGA
+        try:
+            return self._sagas[name]
+        except KeyError:
+            raise ConfigurationError(
+                f"saga {name!r} is not registered with this application; pass it in "
+                f"Storno(sagas=[...]) or app.register(...)"
+            ) from None
+
+    def find_step(self, name: str, ref: str | None) -> Step[..., Any]:
+        """A registered step, else the step object the history's reference points at."""
+        if name in self._steps:
+            return self._steps[name]
+        if ref:
+            module_name, _, qualname = ref.partition(":")
+            found: Any = sys.modules.get(module_name)
+            for part in qualname.split("."):
+                found = getattr(found, part, None)
+            if isinstance(found, Step) and found.name == name:
+                return found
+            if found is not None and getattr(found, "__name__", None) == name:
+                # The reference names the function; the Step wrapping it is what we need.
+                for value in vars(sys.modules[module_name]).values():
+                    if isinstance(value, Step) and value.fn is found:
+                        return value
+        raise ConfigurationError(
+            f"step {name!r} is not registered with this application and cannot be found "
+            f"(recorded as {ref!r}); register it with Storno(steps=[...]) or import its module "
+            f"in the worker"
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if not self._opened:
+            await self.store.open()
+            self._opened = True
+
+    async def close(self) -> None:
+        for worker in list(self._workers):
+            await worker.stop()
+        if self._opened:
+            await self.store.close()
+            self._opened = False
+        self.body_executor.shutdown(wait=False, cancel_futures=True)
+        self.step_executor.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> Storno:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def worker(
+        self,
+        *,
+        concurrency: int = 32,
+        poll_interval: float = 0.5,
+        worker_id: str | None = None,
+    ) -> Worker:
+        """A worker for this application; ``async with app.worker():`` runs it alongside."""
+        return Worker(
+            self, concurrency=concurrency, poll_interval=poll_interval, worker_id=worker_id
+        )
+
+    def _attach_worker(self, worker: Worker) -> None:
+        self._workers.append(worker)
+
+    def _detach_worker(self, worker: Worker) -> None:
+        if worker in self._workers:
+            self._workers.remove(worker)
+
+    def _run_settled(self, run_id: str) -> None:
+        for future in self._waiters.pop(run_id, []):
+            if not future.done():
+                future.set_result(None)
+
+    # --- starting runs -----------------------------------------------------------------
+
+    async def start(self, saga: Saga[P, R], /, *args: P.args, **kwargs: P.kwargs) -> RunHandle[R]:
+        """Start a run of ``saga`` and return its handle at once.
+
+        Choose the run id with ``saga.options(run_id=...)``: starting an existing id returns
+        that run (never a second one), and refuses if the saga or input differ.
+        """
+        self.register(saga)
+        text = encode(
+            {"args": list(args), "kwargs": dict(kwargs)},
+            what=f"input of saga {saga.name!r}",
+            limit=self.max_payload_bytes,
+        )
+        return await self._start(saga, text, saga.run_id, saga.timeout)
+
+    async def start_plan(
+        self,
+        plan: Plan | Mapping[str, Any] | Sequence[PlanStep | Mapping[str, Any]] | str,
+        *,
+        run_id: str | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> RunHandle[list[Any]]:
+        """Validate a plan (a saga as data) and start it; a bad plan raises
+        :class:`storno.PlanError` and nothing runs. The result is the list of step results."""
+        parsed = parse_plan(plan)
+        validate_plan(parsed, self._steps.get)
+        text = encode(
+            {"args": [parsed.to_json()], "kwargs": {}},
+            what="plan",
+            limit=self.max_payload_bytes,
+        )
+        return await self._start(PLAN_SAGA, text, run_id, seconds(timeout, "timeout"))
+
+    async def _start(
+        self, saga: Saga[..., Any], text: str, run_id: str | None, timeout: float | None
+    ) -> RunHandle[Any]:
+        await self.open()
+        run_id = run_id or uuid.uuid4().hex
+        now = self.clock.now()
+        deadline = now + timeout if timeout else None
+        event = Event(0, EventType.RUN_CREATED, now, None, {"saga": saga.name}, text)
+        new = NewRun(run_id, saga.name, text, now, deadline, event)
+        worker = next((w for w in self._workers if w.try_reserve()), None)
+        try:
+            record, created = await self.store.create_run(
+                new, claim_for=worker.id if worker else None, lease_seconds=self.lease_seconds
+            )
+        except BaseException:
+            if worker:
+                worker.unreserve()
+            raise
+        if not created:
+            if worker:
+                worker.unreserve()
+            if record.saga != saga.name or record.input != text:
+                raise RunConflictError(
+                    f"run {run_id!r} already exists as saga {record.saga!r} with input "
+                    f"{describe(record.input)}; this start asked for saga {saga.name!r} with "
+                    f"{describe(text)}. A run id names one run: use a new id for other work"
+                )
+        elif worker:
+            worker.adopt(record, Lease(run_id, worker.id, record.epoch), [event])
+        else:
+            for w in self._workers:
+                w.wake()
+        return RunHandle(self, run_id)
+
+    async def run(self, saga: Saga[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Start a run and wait for its result (a worker must be running somewhere)."""
+        handle = await self.start(saga, *args, **kwargs)
+        return await handle.result()
+
+    def get_handle(self, run_id: str) -> RunHandle[Any]:
+        """A handle on an existing run."""
+        return RunHandle(self, run_id)
+
+    # --- reading runs ------------------------------------------------------------------
+
+    async def describe(self, run_id: str) -> RunInfo:
+        """The run's state, steps, compensations and full history."""
+        await self.open()
+        record = await self.store.get_run(run_id)
+        if record is None:
+            raise RunNotFoundError(run_id)
+        return describe_run(record, await self.store.history(run_id))
+
+    async def list_runs(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        saga: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[RunInfo]:
+        """Runs, newest first (without their histories)."""
+        await self.open()
+        wanted = RunStatus(status) if status is not None else None
+        records = await self.store.list_runs(status=wanted, saga=saga, limit=limit, offset=offset)
+        return [describe_run(r) for r in records]
+
+
+class RunHandle(Generic[R]):
+    """A started run: wait for its result, read its status and history."""
+
+    def __init__(self, app: Storno, run_id: str) -> None:
+        self.app = app
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"<storno.RunHandle {self.run_id}>"
+
+    async def status(self) -> RunStatus:
+        record = await self.app.store.get_run(self.run_id)
+        if record is None:
+            raise RunNotFoundError(self.run_id)
+        return record.status
+
+    async def describe(self) -> RunInfo:
+        return await self.app.describe(self.run_id)
+
+    async def result(self, timeout: float | None = None) -> R:
+        """Wait until the run ends; return its result or raise why it has none.
+
+        Raises :class:`storno.RunCompensatedError`, :class:`storno.CompensationFailedError`
+        or :class:`storno.NeedsAttentionError`; :class:`storno.WaitTimeoutError` if
+        ``timeout`` seconds pass first (the run goes on).
+        """
+        loop = asyncio.get_running_loop()
+        give_up = None if timeout is None else loop.time() + timeout
+        interval = 0.01
+        while True:
+            future: asyncio.Future[None] = loop.create_future()
+            self.app._waiters.setdefault(self.run_id, []).append(future)
+            record = await self.app.store.get_run(self.run_id)
+            if record is None:
+                raise RunNotFoundError(self.run_id)
+            if record.status in ENDED:
+                waiters = self.app._waiters.get(self.run_id, [])
+                if future in waiters:
+                    waiters.remove(future)
+                if record.status is RunStatus.COMPLETED:
+                    value: R = decode(record.result or "null", what=f"result of run {self.run_id}")  # type: ignore[assignment]
+                    return value
+                raise _FAILURES[record.status](self.run_id, record.status.value, record.error)
+            wait = interval if give_up is None else min(interval, give_up - loop.time())
+            if wait <= 0:
+                raise WaitTimeoutError(
+                    f"run {self.run_id} is still {record.status.value} after {timeout}s; it "
+                    f"goes on, wait again or look at it with `storno show {self.run_id}`"
+                )
+            try:
+                await asyncio.wait_for(future, wait)
+            except TimeoutError:
+                interval = min(interval * 2, 0.5)

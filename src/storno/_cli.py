@@ -1,0 +1,366 @@
+"""The ``storno`` command: run the demo, run a worker, list runs and show a run's timeline.
+
+Every command takes ``--db URL`` (or ``$STORNO_URL``). Errors storno raises end the command
+with ``Error: ...`` and exit code 1; bad options exit with code 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import signal
+import sys
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from storno._app import DEFAULT_URL, ENDED, Storno
+from storno._demo import STEP_NAMES, render_ledgers, run_demo
+from storno._errors import StornoError
+from storno._model import Event, Lease, RunRecord, RunStatus
+from storno._store import open_store
+from storno._store._sqlite import SQLiteStore
+from storno._views import HistoryEvent, RunInfo
+from storno._worker import Worker
+
+__all__ = ["main", "render_run"]
+
+log = logging.getLogger("storno.cli")
+_COMPENSATING = (RunStatus.COMPENSATING, RunStatus.COMPENSATED, RunStatus.COMPENSATION_FAILED)
+
+
+# --- the timeline ------------------------------------------------------------------------
+
+
+def _ts(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _row(position: int, name: str, width: int, state: str, attempts: int, key: str) -> str:
+    tries = f"{attempts} attempt{'' if attempts == 1 else 's'}"
+    return f"  #{position} {name:<{width}}  {state:<25} {tries:<11}key {key}"
+
+
+def _err(error: dict[str, Any] | None) -> str:
+    error = error or {}
+    kind, message = error.get("type", "error"), error.get("message", "")
+    return f"{kind}: {message}" if message else str(kind)
+
+
+def _notes(history: list[HistoryEvent]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """What each step's attempts and compensation went through, from the history."""
+    forward: dict[int, list[str]] = defaultdict(list)
+    back: dict[int, list[str]] = defaultdict(list)
+    for e in history:
+        if e.position is None:
+            continue
+        d, out = e.data, forward[e.position]
+        if e.type == "attempt_failed" and d.get("outcome_unknown"):
+            out.append(f"? attempt {d['attempt']}: outcome unknown ({_err(d.get('error'))})")
+        elif e.type == "attempt_failed":
+            out.append(f"x attempt {d['attempt']} failed: {_err(d.get('error'))}")
+        elif e.type == "outcome_unknown":
+            out.append(f"? attempt {d['attempt']}: outcome unknown ({d.get('reason')})")
+        elif e.type == "verified" and d.get("applied"):
+            out.append(f"= read-back by key: it landed, result {_short(e.value)}; not called again")
+        elif e.type == "verified":
+            out.append("= read-back by key: it never landed; retried with the same key")
+        elif e.type == "step_failed":
+            out.append(f"x gave up: {d.get('reason')}")
+        elif e.type == "compensation_attempt_failed":
+            back[e.position].append(f"x attempt {d['attempt']} failed: {_err(d.get('error'))}")
+        elif e.type == "compensation_step_skipped":
+            back[e.position].append(f"- skipped: {d.get('reason')}")
+        elif e.type == "compensation_step_failed":
+            back[e.position].append(f"x gave up: {_err(d.get('error'))}")
+    return forward, back
+
+
+def render_run(info: RunInfo) -> list[str]:
+    """A run's timeline as text: header, forward steps, compensations in the order they ran."""
+    lines = [
+        f"run {info.run_id}  saga {info.saga}  status {info.status.value}",
+        f"  created {_ts(info.created_at)}  updated {_ts(info.updated_at)} (UTC)",
+    ]
+    if info.status is RunStatus.COMPLETED:
+        lines.append(f"  result {_short(info.result, 90)}")
+    if info.error:
+        lines.append(f"  error  {info.error.get('message') or info.error.get('type')}")
+    forward, back = _notes(info.history)
+    width = max([len(s.name) for s in info.steps] + [4])
+    lines += ["", "forward steps"]
+    if not info.steps:
+        lines.append("  (none yet)")
+    for s in info.steps:
+        state = f"{s.kind:<14} {s.status}"
+        lines.append(_row(s.position, s.name, width, state, s.attempts, s.idempotency_key))
+        lines += [f"      {note}" for note in forward[s.position]]
+        if s.status == "completed":
+            lines.append(f"      -> {_short(s.result)}")
+    first_seen: dict[int, int] = {}
+    for e in info.history:
+        if e.type.startswith("compensation_step_") and e.position is not None:
+            first_seen.setdefault(e.position, e.seq)
+    undone = sorted(
+        [(s, c) for s in info.steps if (c := s.compensation) is not None],
+        key=lambda pair: (first_seen.get(pair[0].position, 1 << 62), -pair[0].position),
+    )
+    if undone:
+        lines += ["", "compensations (in the order they ran: last step first)"]
+    elif info.status in _COMPENSATING:
+        lines += ["", "compensations: none (no compensable step had taken effect)"]
+    for s, c in undone:
+        state = f"{'compensation':<14} {c.status}"
+        lines.append(_row(s.position, s.name, width, state, c.attempts, c.idempotency_key))
+        lines += [f"      {note}" for note in back[s.position]]
+    return lines
+
+
+# --- plumbing ----------------------------------------------------------------------------
+
+
+class _Group(click.Group):
+    """Turns storno's own errors (whose messages say what to do) into ``Error: ...``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StornoError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+_db_option = click.option(
+    "--db",
+    "url",
+    envvar="STORNO_URL",
+    show_envvar=True,
+    default=DEFAULT_URL,
+    show_default=True,
+    metavar="URL",
+    help="Database holding the runs, e.g. sqlite:///storno.db.",
+)
+
+
+def _existing(url: str) -> Storno:
+    """An application for reading runs; refuses to create a database that is not there."""
+    app = Storno(url)
+    if isinstance(app.store, SQLiteStore) and not app.store.path.exists():
+        raise click.ClickException(
+            f"no storno database at {str(app.store.path)!r} (from --db {url}); pass the --db "
+            f"URL your application uses, or create one with `storno demo`"
+        )
+    return app
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="storno")
+def main() -> None:
+    """storno: durable sagas. Steps across systems either all take effect or are compensated
+    in reverse, and survive crashes."""
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+@main.command(short_help="Run the booking saga against fake providers.")
+@click.option(
+    "--fail-at",
+    type=click.Choice(STEP_NAMES),
+    help="Make this step fail for good, so that the run compensates in reverse.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the run and ledgers as JSON.")
+@_db_option
+def demo(fail_at: str | None, as_json: bool, url: str) -> None:
+    """Run the booking saga (book slot, charge card, send SMS, sync calendar) against fake
+    providers. The payment provider loses its first answer: the read-back finds the charge."""
+    result = asyncio.run(run_demo(url, fail_at))
+    info = result.info
+    if as_json:
+        _echo_json({**info.to_json(), "ledgers": result.ledgers})
+    else:
+        click.echo("\n".join(render_run(info) + render_ledgers(result.ledgers)))
+    if info.status not in (RunStatus.COMPLETED, RunStatus.COMPENSATED):
+        raise click.ClickException(f"the demo run ended {info.status.value}; that is a bug")
+
+
+# --- worker ------------------------------------------------------------------------------
+
+
+def _bad_app(message: str) -> click.BadParameter:
+    ctx = click.get_current_context(silent=True)
+    return click.BadParameter(message, ctx=ctx, param_hint="'--app'")
+
+
+def _load_app(ref: str) -> Storno:
+    """The Storno application named by ``MODULE:ATTR`` (an instance, or a factory)."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise _bad_app(f"{ref!r} is not MODULE:ATTR, e.g. myproject.sagas:app")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise _bad_app(
+                f"no module named {exc.name!r} (looked in {Path.cwd()} and sys.path)"
+            ) from exc
+        raise _bad_app(f"importing {module_name!r} failed: {exc}") from exc
+    except Exception as exc:
+        raise _bad_app(f"importing {module_name!r} raised {exc!r}") from exc
+    found: Any = module
+    for part in attr.split("."):
+        if not hasattr(found, part):
+            raise _bad_app(f"module {module_name!r} has no attribute {attr!r}")
+        found = getattr(found, part)
+    if callable(found) and not isinstance(found, Storno):
+        try:
+            found = found()
+        except Exception as exc:
+            raise _bad_app(f"calling {ref}() raised {exc!r}") from exc
+    if not isinstance(found, Storno):
+        raise _bad_app(
+            f"{ref} is of type {type(found).__name__}, not a storno.Storno application "
+            f"(or a function without arguments that returns one)"
+        )
+    return found
+
+
+class _LoggingWorker(Worker):
+    """A worker that logs each run it picks up and how it left it.
+
+    The worker has no hook for this yet, so the CLI wraps its per-run method.
+    """
+
+    async def _execute(self, record: RunRecord, lease: Lease, history: list[Event] | None) -> None:
+        log.info("run %s: picked up (saga %s, %s)", record.run_id, record.saga, record.status)
+        try:
+            await super()._execute(record, lease, history)
+        finally:
+            now = await self.app.store.get_run(record.run_id)
+            if now is not None and now.status in ENDED:
+                error = f": {now.error.get('message')}" if now.error else ""
+                log.info("run %s: %s%s", record.run_id, now.status.value, error)
+            elif now is not None:
+                log.info("run %s: left %s, to be resumed", record.run_id, now.status.value)
+
+
+async def _work(app: Storno, concurrency: int, worker_id: str | None, poll: float) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with app:
+        worker = _LoggingWorker(
+            app, concurrency=concurrency, poll_interval=poll, worker_id=worker_id
+        )
+        await worker.start()
+        names = ", ".join(app.saga_names) or "none: it will claim nothing"
+        log.info("worker %s started on %s (sagas: %s)", worker.id, app.url, names)
+        await stop.wait()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)  # a second signal ends the process at once
+        log.info("worker %s stopping; %d run(s) in flight", worker.id, len(worker.active_runs))
+        await worker.stop()
+        log.info("worker %s stopped", worker.id)
+
+
+@main.command(short_help="Execute runs until SIGINT or SIGTERM.")
+@click.option("--app", "app_ref", required=True, metavar="MODULE:ATTR", help="The application.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--worker-id", help="Stable id of this worker slot (a pod name); default random.")
+@click.option(
+    "--poll-interval", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True
+)
+@_db_option
+@click.pass_context
+def worker(
+    ctx: click.Context,
+    app_ref: str,
+    concurrency: int,
+    worker_id: str | None,
+    poll_interval: float,
+    url: str,
+) -> None:
+    """Execute runs of the application's sagas until SIGINT or SIGTERM.
+
+    MODULE:ATTR names a storno.Storno instance (or a function returning one); the current
+    folder is importable. The application's own URL is used unless --db is given on the
+    command line, which wins ($STORNO_URL is read by Storno() itself when the code gives none).
+    """
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    app = _load_app(app_ref)
+    if ctx.get_parameter_source("url") is click.core.ParameterSource.COMMANDLINE:
+        # Safe before the app is opened: the store connects on open().
+        app.url, app.store = url, open_store(url)
+    asyncio.run(_work(app, concurrency, worker_id, poll_interval))
+
+
+# --- list and show -----------------------------------------------------------------------
+
+
+def _summary(run: RunInfo) -> dict[str, Any]:
+    """A listed run as JSON: no steps or history, which listing does not load."""
+    out = run.to_json(with_history=False)
+    del out["steps"]
+    return out
+
+
+@main.command(name="list")
+@click.option("--status", type=click.Choice([s.value for s in RunStatus]), help="Only these.")
+@click.option("--saga", help="Only runs of this saga.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@_db_option
+def list_(status: str | None, saga: str | None, limit: int, as_json: bool, url: str) -> None:
+    """List runs, newest first."""
+
+    async def fetch() -> list[RunInfo]:
+        async with _existing(url) as app:
+            return await app.list_runs(status=status, saga=saga, limit=limit)
+
+    runs = asyncio.run(fetch())
+    if as_json:
+        _echo_json([_summary(r) for r in runs])
+        return
+    rows = [("ID", "SAGA", "STATUS", "CREATED (UTC)", "UPDATED (UTC)")]
+    rows += [(r.run_id, r.saga, r.status.value, _ts(r.created_at), _ts(r.updated_at)) for r in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if not runs:
+        click.echo("(no runs)")
+
+
+@main.command(short_help="Show a run's timeline.")
+@click.argument("run_id", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print the run with its history as JSON.")
+@_db_option
+def show(run_id: str, as_json: bool, url: str) -> None:
+    """Show a run's timeline: steps, attempts, keys, unknown outcomes, compensations."""
+
+    async def fetch() -> RunInfo:
+        async with _existing(url) as app:
+            return await app.describe(run_id)
+
+    info = asyncio.run(fetch())
+    if as_json:
+        _echo_json(info.to_json())
+    else:
+        click.echo("\n".join(render_run(info)))

@@ -1,0 +1,660 @@
+"""The engine: runs one saga run under a lease, from its history to an end.
+
+On every (re)start the saga body runs again from the top. Each ``ctx.step`` or recorded value
+takes the next *position*; where the history already holds that position the recorded outcome
+is returned instead of calling the other system again. A step's start is made durable before
+its call (which registers its compensation, rule 1); its result is buffered and made durable
+with the run's next write, so a step costs one commit. A crash in that window only makes the
+outcome unknown, which the engine handles anyway (rule 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import traceback
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
+from datetime import UTC, datetime
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+from storno import _faults
+from storno._clock import Clock
+from storno._definitions import (
+    NOT_APPLIED,
+    UNKNOWN,
+    CompensationContext,
+    NotApplied,
+    Saga,
+    Step,
+    StepContext,
+)
+from storno._errors import (
+    ArgumentMismatchError,
+    DeterminismError,
+    LeaseLostError,
+    OutcomeUnknownError,
+    PlanError,
+    SerializationError,
+    StepFailedError,
+    StoreError,
+    TerminalError,
+)
+from storno._history import StepState, fold
+from storno._model import (
+    Event,
+    EventType,
+    Lease,
+    RetryPolicy,
+    RunRecord,
+    RunStatus,
+    StepKind,
+    compensation_key,
+    forward_key,
+)
+from storno._serde import decode, describe, encode
+from storno._store import RunUpdate, Store
+
+__all__ = ["EngineHost", "RunExecution", "SagaContext", "SyncSagaContext", "error_info"]
+
+log = logging.getLogger("storno.engine")
+P = ParamSpec("P")
+R = TypeVar("R")
+_COMMIT_RETRY = RetryPolicy(initial_interval=0.05, maximum_interval=2.0, maximum_attempts=6)
+
+
+class EngineHost(Protocol):
+    """What the engine needs from the application that hosts it."""
+
+    store: Store
+    clock: Clock
+    max_payload_bytes: int
+    lease_seconds: float
+    body_executor: Executor
+    step_executor: Executor
+
+    def find_saga(self, name: str) -> Saga[..., Any]: ...
+
+    def find_step(self, name: str, ref: str | None) -> Step[..., Any]: ...
+
+
+def error_info(exc: BaseException) -> dict[str, Any]:
+    """A JSON-ready description of an error for the history."""
+    if isinstance(exc, StepFailedError):
+        return {
+            "type": "StepFailedError",
+            "message": str(exc),
+            "step": exc.step,
+            "cause": {"type": exc.error_type, "message": exc.error_message},
+        }
+    kind = type(exc)
+    module = "storno" if kind.__module__.startswith("storno.") else kind.__module__
+    name = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+    tb = "".join(traceback.format_exception(exc, limit=-4))
+    return {"type": name, "message": str(exc)[:2000], "traceback": tb[-4000:]}
+
+
+class SagaContext:
+    """What an ``async`` saga body uses to call steps and take recorded values."""
+
+    def __init__(self, execution: RunExecution) -> None:
+        self._x = execution
+
+    @property
+    def run_id(self) -> str:
+        return self._x.record.run_id
+
+    async def step(self, step: Step[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run a step, or return its recorded outcome when replaying."""
+        result: R = await self._x.call_step(step, args, kwargs)
+        return result
+
+    def now(self) -> datetime:
+        """The current time (UTC), recorded so that a replay sees the same value."""
+        value: datetime = self._x.record_value("now", self._x.wall_time)
+        return value
+
+    def random(self) -> float:
+        """A random float in [0, 1), recorded."""
+        value: float = self._x.record_value("random", self._x.rng.random)
+        return value
+
+    def uuid4(self) -> uuid.UUID:
+        """A random UUID, recorded."""
+        value: uuid.UUID = self._x.record_value("uuid4", uuid.uuid4)
+        return value
+
+
+class SyncSagaContext:
+    """What a plain (``def``) saga body uses; it runs in a thread and blocks on each call."""
+
+    def __init__(self, execution: RunExecution, loop: asyncio.AbstractEventLoop) -> None:
+        self._x = execution
+        self._loop = loop
+
+    @property
+    def run_id(self) -> str:
+        return self._x.record.run_id
+
+    def _sync(self, fn: Callable[[], Any]) -> Any:
+        async def call() -> Any:
+            result = fn()
+            return await result if inspect.isawaitable(result) else result
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+
+    def step(self, step: Step[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run a step, or return its recorded outcome when replaying."""
+        result: R = self._sync(lambda: self._x.call_step(step, args, kwargs))
+        return result
+
+    def now(self) -> datetime:
+        value: datetime = self._sync(lambda: self._x.record_value("now", self._x.wall_time))
+        return value
+
+    def random(self) -> float:
+        value: float = self._sync(lambda: self._x.record_value("random", self._x.rng.random))
+        return value
+
+    def uuid4(self) -> uuid.UUID:
+        value: uuid.UUID = self._sync(lambda: self._x.record_value("uuid4", uuid.uuid4))
+        return value
+
+
+class RunExecution:
+    """One run driven forward (or back) by one worker under one lease."""
+
+    def __init__(self, host: EngineHost, record: RunRecord, lease: Lease, history: list[Event]):
+        import random as _random
+
+        self.host = host
+        self.record = record
+        self.lease = lease
+        self.events: list[Event] = list(history)
+        self.pending: list[Event] = []
+        self.next_seq = history[-1].seq + 1 if history else 0
+        self.recorded = fold(history)
+        self.position = 0
+        self.forward_only_since: str | None = None
+        self.park_error: DeterminismError | None = None
+        self.lease_lost = False
+        self.rng = _random.Random()
+        # The step objects the body called, with any call-site overrides: compensation uses
+        # them first, and looks steps up by name only when the body did not run this time.
+        self.steps_used: dict[int, Step[..., Any]] = {}
+        if len(history) > 1 or record.epoch > 1:
+            self._append(
+                EventType.RUN_RESUMED,
+                data={"worker": lease.owner, "epoch": lease.epoch, "status": record.status.value},
+            )
+
+    # --- the journal -------------------------------------------------------------------
+
+    def _append(
+        self,
+        type: EventType,
+        position: int | None = None,
+        data: dict[str, Any] | None = None,
+        payload: str | None = None,
+    ) -> None:
+        event = Event(self.next_seq, type, self.host.clock.now(), position, data or {}, payload)
+        self.next_seq += 1
+        self.pending.append(event)
+        self.events.append(event)
+
+    async def _commit(self, update: RunUpdate | None = None) -> None:
+        """Make the buffered events (and the update) durable, renewing the lease."""
+        failures = 0
+        while True:
+            try:
+                await self.host.store.write(
+                    self.lease,
+                    self.pending,
+                    update,
+                    now=self.host.clock.now(),
+                    lease_seconds=self.host.lease_seconds,
+                )
+            except LeaseLostError:
+                self.lease_lost = True
+                raise
+            except StoreError as exc:
+                failures += 1
+                if not _COMMIT_RETRY.allows_another(failures):
+                    raise
+                log.warning("run %s: write failed, retrying: %s", self.record.run_id, exc)
+                await asyncio.sleep(_COMMIT_RETRY.delay(failures))
+                continue
+            self.pending = []
+            return
+
+    def wall_time(self) -> datetime:
+        return datetime.fromtimestamp(self.host.clock.now(), UTC)
+
+    def _encode(self, value: Any, what: str) -> str:
+        return encode(value, what=what, limit=self.host.max_payload_bytes)
+
+    # --- driving the run ---------------------------------------------------------------
+
+    async def execute(self) -> None:
+        """Drive the run until it ends, parks, or this worker loses its lease."""
+        try:
+            if self.record.status is RunStatus.COMPENSATING:
+                await self._compensate(self.record.error or {"message": "compensation resumed"})
+            else:
+                await self._forward()
+        except LeaseLostError:
+            log.warning("run %s: lease lost to another worker; stopping", self.record.run_id)
+
+    async def _forward(self) -> None:
+        saga = self.host.find_saga(self.record.saga)
+        payload: Any = decode(self.record.input, what=f"input of run {self.record.run_id}")
+        args, kwargs = payload["args"], payload["kwargs"]
+        try:
+            if self.record.deadline is not None and self.host.clock.now() > self.record.deadline:
+                raise TimeoutError("the run's deadline passed before it started")
+            if saga.is_async:
+                result = await saga.fn(SagaContext(self), *args, **kwargs)
+            else:
+                loop = asyncio.get_running_loop()
+                call = functools.partial(saga.fn, SyncSagaContext(self, loop), *args, **kwargs)
+                result = await loop.run_in_executor(self.host.body_executor, call)
+            if self.park_error is None and self.recorded.last_position >= self.position:
+                what = self.recorded.kind_at(self.position)
+                self.park_error = DeterminismError(
+                    f"the history holds {what} at position {self.position}, which the saga "
+                    f"code no longer reaches; the code changed under a running run"
+                )
+            result_text = self._encode(result, f"result of saga {saga.name!r}")
+        except Exception as exc:
+            if self.lease_lost:
+                return
+            if self.park_error is not None:
+                await self._park(error_info(self.park_error))
+            else:
+                await self._end_forward(exc)
+            return
+        if self.lease_lost:
+            return
+        if self.park_error is not None:
+            await self._park(error_info(self.park_error))
+            return
+        _faults.point("run.ending", run_id=self.record.run_id, status="completed")
+        self._append(EventType.RUN_COMPLETED, payload=result_text)
+        await self._commit(RunUpdate(RunStatus.COMPLETED, result=result_text, release=True))
+
+    async def _end_forward(self, exc: BaseException) -> None:
+        error = error_info(exc)
+        past = fold(self.events).point_of_no_return()
+        if past is not None:
+            error["message"] = (
+                f"the forward path ended after the point of no return (step {past.name!r}, "
+                f"#{past.position}), so nothing is compensated and the run needs a person: "
+                f"{error['message']}"
+            )
+            await self._park(error)
+        else:
+            await self._compensate(error)
+
+    async def _park(self, error: dict[str, Any]) -> None:
+        self._append(EventType.RUN_NEEDS_ATTENTION, data={"error": error})
+        await self._commit(RunUpdate(RunStatus.NEEDS_ATTENTION, error=error, release=True))
+
+    # --- forward steps -----------------------------------------------------------------
+
+    def _take_position(self, what: str) -> int:
+        if self.park_error is not None:
+            raise self.park_error
+        if self.lease_lost:
+            raise LeaseLostError(f"run {self.record.run_id}: lease lost, {what} refused")
+        position = self.position
+        self.position += 1
+        return position
+
+    def _mismatch(self, position: int, wanted: str) -> DeterminismError:
+        self.park_error = DeterminismError(
+            f"at position {position} the saga code asks for {wanted} but the history recorded "
+            f"{self.recorded.kind_at(position)}; the code no longer matches this run's history"
+        )
+        return self.park_error
+
+    def record_value(self, name: str, make: Callable[[], Any]) -> Any:
+        position = self._take_position(f"ctx.{name}()")
+        recorded = self.recorded.values.get(position)
+        if recorded is not None and recorded[0] == name:
+            return decode(recorded[1] or "null", what=f"recorded ctx.{name}()")
+        if recorded is not None or position in self.recorded.steps:
+            raise self._mismatch(position, f"ctx.{name}()")
+        value = make()
+        text = self._encode(value, f"ctx.{name}()")
+        self._append(EventType.VALUE_RECORDED, position, {"name": name}, text)
+        return value
+
+    async def call_step(self, step: Step[..., Any], args: Any, kwargs: Any) -> Any:
+        position = self._take_position(f"step {step.name!r}")
+        self.steps_used[position] = step
+        step.check_runnable()
+        if step.kind is StepKind.COMPENSABLE and self.forward_only_since is not None:
+            raise PlanError(
+                f"step {step.name!r} (#{position}) is compensable but comes after "
+                f"{self.forward_only_since!r}, which cannot be compensated; compensable steps "
+                f"must all come before the pivot"
+            )
+        if step.kind is not StepKind.COMPENSABLE and self.forward_only_since is None:
+            self.forward_only_since = step.name
+        try:
+            step.check_arguments(args, kwargs)
+        except TypeError as exc:
+            raise TypeError(f"step {step.name!r} called with bad arguments: {exc}") from None
+        args_text = self._encode(
+            {"args": list(args), "kwargs": dict(kwargs)}, f"arguments of step {step.name!r}"
+        )
+        state = self.recorded.steps.get(position)
+        if state is None and position in self.recorded.values:
+            raise self._mismatch(position, f"step {step.name!r}")
+        if state is not None:
+            if state.name != step.name:
+                raise self._mismatch(position, f"step {step.name!r}")
+            if state.args != args_text:
+                self.park_error = ArgumentMismatchError(
+                    step.name, state.key, describe(state.args or "null"), describe(args_text)
+                )
+                raise self.park_error
+            if state.status == "completed":
+                return decode(state.result or "null", what=f"recorded result of {step.name!r}")
+            if state.status == "failed":
+                cause = (state.error or {}).get("cause") or state.error or {}
+                raise StepFailedError(
+                    step.name,
+                    position,
+                    "recorded failure",
+                    cause.get("type", "Error"),
+                    cause.get("message", ""),
+                    state.outcome_unknown,
+                )
+        return await self._attempts(step, position, args, kwargs, args_text, state)
+
+    async def _attempts(
+        self,
+        step: Step[..., Any],
+        position: int,
+        args: Any,
+        kwargs: Any,
+        args_text: str,
+        state: StepState | None,
+    ) -> Any:
+        run_id = self.record.run_id
+        key = forward_key(run_id, position, step.name)
+        policy = step.retry
+        clock = self.host.clock
+        attempts = state.attempts if state else 0
+        first_start = state.started_at if state else None
+        last_error: dict[str, Any] = (state.error if state else None) or {}
+        unknown = bool(state and (state.last_attempt_open or state.outcome_unknown))
+        if state is not None and state.last_attempt_open:
+            self._append(
+                EventType.OUTCOME_UNKNOWN,
+                position,
+                {"attempt": attempts, "reason": "no outcome was recorded for this attempt"},
+            )
+            last_error = {"type": "OutcomeUnknown", "message": "the worker stopped mid-attempt"}
+        if unknown:
+            found = await self._read_back(step, position, key, attempts, args, kwargs)
+            if found is NOT_APPLIED:
+                unknown = False
+            elif found is not UNKNOWN:
+                return found
+        while True:
+            now = clock.now()
+            delay = policy.delay(attempts, self.rng) if attempts else 0.0
+            reason = None
+            if attempts and last_error.get("retryable") is False:
+                reason = "terminal error"
+            elif attempts and not policy.allows_another(attempts):
+                reason = f"gave up after {attempts} attempts"
+            elif step.timeout and first_start and now + delay > first_start + step.timeout:
+                reason = f"step timeout of {step.timeout:g}s"
+            elif self.record.deadline is not None and now + delay >= self.record.deadline:
+                reason = "run deadline"
+            if reason is not None:
+                raise self._fail_step(step, position, reason, last_error, unknown)
+            if delay:
+                await clock.sleep(delay)
+            attempts += 1
+            self._append(
+                EventType.STEP_STARTED,
+                position,
+                {
+                    "step": step.name,
+                    "kind": step.kind.value,
+                    "key": key,
+                    "attempt": attempts,
+                    "ref": step.ref,
+                },
+                args_text,
+            )
+            await self._commit()
+            first_start = first_start or clock.now()
+            _faults.point("step.started", run_id=run_id, step=step.name, attempt=attempts)
+            context = StepContext(run_id, step.name, position, key, attempts, step.kind)
+            try:
+                result = await self._call(
+                    step.fn, context, args, kwargs, self._time_left(step, first_start)
+                )
+            except Exception as exc:
+                unknown = isinstance(exc, (TimeoutError, OutcomeUnknownError))
+                last_error = error_info(exc)
+                last_error["retryable"] = not isinstance(exc, TerminalError) and (
+                    policy.is_retryable(exc)
+                )
+                self._append(
+                    EventType.ATTEMPT_FAILED,
+                    position,
+                    {"attempt": attempts, "error": last_error, "outcome_unknown": unknown},
+                )
+                if unknown:
+                    found = await self._read_back(step, position, key, attempts, args, kwargs)
+                    if found is NOT_APPLIED:
+                        unknown = False
+                    elif found is not UNKNOWN:
+                        return found
+                continue
+            _faults.point("step.returned", run_id=run_id, step=step.name, attempt=attempts)
+            try:
+                result_text = self._encode(result, f"result of step {step.name!r}")
+            except SerializationError as exc:
+                raise self._fail_step(
+                    step, position, "its result cannot be recorded", error_info(exc), True
+                ) from exc
+            self._append(EventType.STEP_COMPLETED, position, {"attempt": attempts}, result_text)
+            return decode(result_text)
+
+    def _time_left(self, step: Step[..., Any], first_start: float) -> float | None:
+        now = self.host.clock.now()
+        limits = [step.attempt_timeout]
+        if step.timeout:
+            limits.append(first_start + step.timeout - now)
+        if self.record.deadline is not None:
+            limits.append(self.record.deadline - now)
+        known = [limit for limit in limits if limit is not None]
+        return max(min(known), 0.001) if known else None
+
+    def _fail_step(
+        self,
+        step: Step[..., Any],
+        position: int,
+        reason: str,
+        error: dict[str, Any],
+        unknown: bool,
+    ) -> StepFailedError:
+        failure = StepFailedError(
+            step.name,
+            position,
+            reason,
+            error.get("type", "Error"),
+            error.get("message", ""),
+            unknown,
+        )
+        self._append(
+            EventType.STEP_FAILED,
+            position,
+            {"reason": reason, "error": error_info(failure), "outcome_unknown": unknown},
+        )
+        return failure
+
+    async def _read_back(
+        self,
+        step: Step[..., Any],
+        position: int,
+        key: str,
+        attempt: int,
+        args: Any,
+        kwargs: Any,
+    ) -> Any:
+        """Ask the other system whether an attempt of unknown outcome landed (rule 3).
+
+        Returns the step's result if it did, :data:`NOT_APPLIED` if it did not, and
+        :data:`UNKNOWN` when there is no verify function or it failed (then the caller retries
+        with the same key).
+        """
+        if step.verify_fn is None:
+            return UNKNOWN
+        context = StepContext(self.record.run_id, step.name, position, key, attempt, step.kind)
+        try:
+            found = await self._call(step.verify_fn, context, args, kwargs, step.attempt_timeout)
+        except Exception as exc:
+            self._append(
+                EventType.OUTCOME_UNKNOWN,
+                position,
+                {"attempt": attempt, "reason": "read-back failed", "error": error_info(exc)},
+            )
+            return UNKNOWN
+        if isinstance(found, NotApplied):
+            self._append(EventType.VERIFIED, position, {"attempt": attempt, "applied": False})
+            return NOT_APPLIED
+        text = self._encode(found, f"read-back result of step {step.name!r}")
+        self._append(EventType.VERIFIED, position, {"attempt": attempt, "applied": True}, text)
+        return decode(text)
+
+    async def _call(
+        self,
+        fn: Callable[..., Any],
+        context: Any,
+        args: Any,
+        kwargs: Any,
+        timeout: float | None,
+    ) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            pending: Any = fn(context, *args, **kwargs)
+        else:
+            loop = asyncio.get_running_loop()
+            call = functools.partial(fn, context, *args, **kwargs)
+            pending = loop.run_in_executor(self.host.step_executor, call)
+        result = await asyncio.wait_for(pending, timeout) if timeout else await pending
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    # --- compensation ------------------------------------------------------------------
+
+    async def _compensate(self, error: dict[str, Any]) -> None:
+        if self.record.status is not RunStatus.COMPENSATING:
+            self._append(EventType.COMPENSATION_STARTED, data={"error": error})
+            await self._commit(RunUpdate(RunStatus.COMPENSATING, error=error))
+        for state in fold(self.events).to_compensate():
+            if state.compensation and state.compensation.status in ("completed", "skipped"):
+                continue
+            failure = await self._compensate_step(state, error)
+            if failure is not None:
+                self._append(EventType.RUN_COMPENSATION_FAILED, data={"error": failure})
+                await self._commit(
+                    RunUpdate(RunStatus.COMPENSATION_FAILED, error=failure, release=True)
+                )
+                return
+        _faults.point("run.ending", run_id=self.record.run_id, status="compensated")
+        self._append(EventType.RUN_COMPENSATED)
+        await self._commit(RunUpdate(RunStatus.COMPENSATED, release=True))
+
+    async def _compensate_step(
+        self, state: StepState, error: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Undo one step, retrying; return an error description if it keeps failing."""
+        run_id, position = self.record.run_id, state.position
+        key = compensation_key(run_id, position, state.name)
+        try:
+            step = self.steps_used.get(position) or self.host.find_step(state.name, state.ref)
+            step.check_runnable()
+        except Exception as exc:
+            return self._give_up_compensation(state, key, error_info(exc))
+        payload: Any = decode(state.args or "null", what=f"recorded arguments of {state.name!r}")
+        args, kwargs = payload["args"], payload["kwargs"]
+        result: Any = UNKNOWN
+        if state.status == "completed":
+            result = decode(state.result or "null", what=f"recorded result of {state.name!r}")
+        else:
+            found = await self._read_back(step, position, state.key, state.attempts, args, kwargs)
+            if found is NOT_APPLIED:
+                self._append(
+                    EventType.COMPENSATION_STEP_SKIPPED,
+                    position,
+                    {"key": key, "reason": "read-back found no trace of the step"},
+                )
+                return None
+            result = found
+        policy = step.compensation_retry
+        attempts = state.compensation.attempts if state.compensation else 0
+        last: dict[str, Any] = (state.compensation.error if state.compensation else None) or {}
+        compensate = step.compensate_fn
+        assert compensate is not None  # check_runnable() guarantees it for compensable steps
+        while True:
+            if attempts:
+                if last.get("terminal") or not policy.allows_another(attempts):
+                    return self._give_up_compensation(state, key, last, attempts)
+                await self.host.clock.sleep(policy.delay(attempts, self.rng))
+            attempts += 1
+            self._append(
+                EventType.COMPENSATION_STEP_STARTED,
+                position,
+                {"step": state.name, "key": key, "attempt": attempts},
+            )
+            await self._commit()
+            _faults.point("compensation.started", run_id=run_id, step=state.name, attempt=attempts)
+            context: CompensationContext[Any] = CompensationContext(
+                run_id, state.name, position, key, state.key, attempts, result, error
+            )
+            try:
+                await self._call(compensate, context, args, kwargs, step.attempt_timeout)
+            except Exception as exc:
+                last = error_info(exc)
+                last["terminal"] = isinstance(exc, TerminalError)
+                self._append(
+                    EventType.COMPENSATION_ATTEMPT_FAILED,
+                    position,
+                    {"key": key, "attempt": attempts, "error": last},
+                )
+                continue
+            _faults.point("compensation.returned", run_id=run_id, step=state.name)
+            self._append(EventType.COMPENSATION_STEP_COMPLETED, position, {"key": key})
+            return None
+
+    def _give_up_compensation(
+        self, state: StepState, key: str, error: dict[str, Any], attempts: int = 0
+    ) -> dict[str, Any]:
+        failure = {
+            "type": "CompensationFailed",
+            "message": (
+                f"compensation of step {state.name!r} (#{state.position}, key {key}) failed "
+                f"after {attempts} attempt(s): {error.get('message', error.get('type'))}; the run "
+                f"is a dead letter: fix the cause, then retry or resolve it"
+            ),
+            "step": state.name,
+            "cause": error,
+        }
+        self._append(
+            EventType.COMPENSATION_STEP_FAILED,
+            state.position,
+            {"key": key, "error": error},
+        )
+        return failure

@@ -1,0 +1,227 @@
+"""The vocabulary shared by the journal, the engine and the interfaces.
+
+Step kinds, retry policies, run states, idempotency keys and the records a store keeps. Plain
+data only: nothing here touches a database or runs user code.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import random
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from storno._errors import ConfigurationError
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "TERMINAL_STATUSES",
+    "Event",
+    "EventType",
+    "Lease",
+    "RetryPolicy",
+    "RunRecord",
+    "RunStatus",
+    "StepKind",
+    "compensation_key",
+    "forward_key",
+    "seconds",
+]
+
+
+class StepKind(enum.StrEnum):
+    """Where a step may stand in a saga and what happens when the forward path ends."""
+
+    COMPENSABLE = "compensable"
+    """Can be undone by its compensation; stands before the pivot."""
+    PIVOT = "pivot"
+    """The point of no return: once it succeeds the run must go forward. At most one."""
+    RETRYABLE = "retryable"
+    """Idempotent and retried until it succeeds; stands after the pivot."""
+    NONCOMPENSABLE = "noncompensable"
+    """Cannot be undone (a message a person already read); after every compensable step."""
+
+    @classmethod
+    def parse(cls, value: StepKind | str) -> StepKind:
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(k.value for k in cls)
+            raise ConfigurationError(f"unknown step kind {value!r}; use one of: {names}") from None
+
+    @property
+    def is_point_of_no_return(self) -> bool:
+        """A pivot, and the first noncompensable step when no pivot is named."""
+        return self in (StepKind.PIVOT, StepKind.NONCOMPENSABLE)
+
+
+class RunStatus(enum.StrEnum):
+    """Where a run is: `pending → running ⇄ waiting → completed`, or compensating."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+    NEEDS_ATTENTION = "needs_attention"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.CANCELLED})
+"""States a run never leaves."""
+
+ACTIVE_STATUSES = frozenset({RunStatus.RUNNING, RunStatus.COMPENSATING})
+"""States in which a worker holds the run's lease."""
+
+
+class EventType(enum.StrEnum):
+    """Everything a run's append-only history records."""
+
+    RUN_CREATED = "run_created"
+    RUN_RESUMED = "run_resumed"  # a worker picked the run up again from its history
+    VALUE_RECORDED = "value_recorded"  # ctx.now()/random()/uuid4()
+    STEP_STARTED = "step_started"  # an attempt begins; carries the compensation registration
+    STEP_COMPLETED = "step_completed"
+    ATTEMPT_FAILED = "attempt_failed"  # will be retried
+    OUTCOME_UNKNOWN = "outcome_unknown"  # an attempt with no recorded outcome was found
+    VERIFIED = "verified"  # a read-back said whether the unknown attempt landed
+    STEP_FAILED = "step_failed"  # the step's forward path ended
+    RUN_COMPLETED = "run_completed"
+    COMPENSATION_STARTED = "compensation_started"
+    COMPENSATION_STEP_STARTED = "compensation_step_started"
+    COMPENSATION_STEP_COMPLETED = "compensation_step_completed"
+    COMPENSATION_STEP_SKIPPED = "compensation_step_skipped"
+    COMPENSATION_ATTEMPT_FAILED = "compensation_attempt_failed"
+    COMPENSATION_STEP_FAILED = "compensation_step_failed"
+    RUN_COMPENSATED = "run_compensated"
+    RUN_COMPENSATION_FAILED = "run_compensation_failed"
+    RUN_NEEDS_ATTENTION = "run_needs_attention"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of a run's history.
+
+    ``data`` holds small JSON-ready metadata (step name, attempt, error); ``payload`` holds the
+    encoded value the event carries (arguments, a result, the run's input), kept as JSON text
+    so it is stored without being parsed again.
+    """
+
+    seq: int
+    type: EventType
+    at: float
+    position: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    payload: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A worker's claim on a run. ``epoch`` grows with every claim and fences stale writers."""
+
+    run_id: str
+    owner: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run as the store keeps it: the current state, derived from its history."""
+
+    run_id: str
+    saga: str
+    status: RunStatus
+    input: str  # encoded JSON {"args": [...], "kwargs": {...}}
+    created_at: float
+    updated_at: float
+    result: str | None = None  # encoded JSON
+    error: dict[str, Any] | None = None
+    deadline: float | None = None
+    owner: str | None = None
+    lease_expires_at: float | None = None
+    epoch: int = 0
+
+
+def seconds(value: float | timedelta | None, what: str) -> float | None:
+    """A duration in seconds from a number or timedelta; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    result = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if result <= 0:
+        raise ConfigurationError(f"{what} must be positive, got {value!r}")
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a failed attempt is retried: exponential backoff with jitter, bounded attempts.
+
+    ``maximum_attempts=None`` retries until the step succeeds (the default for retryable
+    steps, which stand after the pivot). Errors whose type is in ``non_retryable`` (or that
+    subclass one) end the forward path at once, as :class:`storno.TerminalError` always does.
+    """
+
+    initial_interval: float = 1.0
+    backoff_coefficient: float = 2.0
+    maximum_interval: float = 60.0
+    maximum_attempts: int | None = 5
+    non_retryable: tuple[type[BaseException], ...] = ()
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.initial_interval < 0 or self.maximum_interval < 0:
+            raise ConfigurationError("retry intervals must not be negative")
+        if self.backoff_coefficient < 1:
+            raise ConfigurationError(
+                f"backoff_coefficient must be at least 1, got {self.backoff_coefficient}"
+            )
+        if self.maximum_attempts is not None and self.maximum_attempts < 1:
+            raise ConfigurationError(
+                f"maximum_attempts must be at least 1 (or None for no limit), "
+                f"got {self.maximum_attempts}"
+            )
+        if not 0 <= self.jitter <= 1:
+            raise ConfigurationError(f"jitter must be between 0 and 1, got {self.jitter}")
+
+    def delay(self, failed_attempts: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after the given number of failed attempts (1-based)."""
+        base = self.initial_interval * self.backoff_coefficient ** (failed_attempts - 1)
+        base = min(base, self.maximum_interval)
+        if self.jitter:
+            spread = base * self.jitter
+            base += (rng or random).uniform(-spread, spread)
+        return max(base, 0.0)
+
+    def allows_another(self, failed_attempts: int) -> bool:
+        return self.maximum_attempts is None or failed_attempts < self.maximum_attempts
+
+    def is_retryable(self, error: BaseException) -> bool:
+        return not isinstance(error, self.non_retryable)
+
+
+DEFAULT_RETRY = RetryPolicy()
+DEFAULT_RETRY_AFTER_PIVOT = RetryPolicy(maximum_attempts=None)
+DEFAULT_COMPENSATION_RETRY = RetryPolicy(maximum_attempts=10)
+
+
+def _digest(*parts: str) -> str:
+    h = hashlib.sha256("\x1f".join(parts).encode())
+    return h.hexdigest()[:32]
+
+
+def forward_key(run_id: str, position: int, step: str) -> str:
+    """The idempotency key of a forward step: stable across retries, restarts and workers.
+
+    Derived from structure only, never from arguments (an agent may send 99.99 on a retry
+    of 100.00, and the other system must still see the same key).
+    """
+    return f"st-{_digest(run_id, str(position), step)}"
+
+
+def compensation_key(run_id: str, position: int, step: str) -> str:
+    """The idempotency key of a step's compensation."""
+    return f"stc-{_digest(run_id, str(position), step, 'compensate')}"

@@ -1,0 +1,227 @@
+"""The worker: claims runs, holds their leases, and drives each through the engine.
+
+A worker claims pending runs (and runs whose lease expired because their worker died) up to
+its concurrency, renews the leases of the runs it holds by heartbeat, and gives them up when
+it stops so that another worker can take over at once. Runs started in the same process are
+handed to it directly, already leased, without a poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from typing import TYPE_CHECKING
+
+from storno._engine import RunExecution
+from storno._errors import ConfigurationError, StoreError
+from storno._model import Event, Lease, RunRecord
+
+if TYPE_CHECKING:
+    from storno._app import Storno
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("storno.worker")
+
+
+class Worker:
+    """Executes runs of the sagas its application knows. Use ``async with app.worker():``.
+
+    ``worker_id`` should be stable across restarts of the same process slot (a pod name, a
+    systemd instance): a worker that starts with the id of a dead one resumes that one's runs
+    at once instead of waiting for their leases to expire. Never give two live workers the
+    same id.
+    """
+
+    def __init__(
+        self,
+        app: Storno,
+        *,
+        concurrency: int = 32,
+        poll_interval: float = 0.5,
+        worker_id: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+        if poll_interval <= 0:
+            raise ConfigurationError(f"poll_interval must be positive, got {poll_interval}")
+        self.app = app
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._reserved = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._saturated = False  # the last claim filled every slot: more may be waiting
+        self._loops: list[asyncio.Task[None]] = []
+
+    @property
+    def running(self) -> bool:
+        return bool(self._loops) and not self._stopping
+
+    @property
+    def active_runs(self) -> list[str]:
+        return list(self._tasks)
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Begin claiming and executing runs in the background."""
+        if self._loops:
+            return
+        await self.app.open()
+        self._stopping = False
+        # Take back this worker id's own runs first (a restart of a dead worker), before the
+        # worker accepts runs started locally: those are leased to the same id.
+        await self._claim(include_own=True)
+        self.app._attach_worker(self)
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name=f"storno-claim-{self.id}"),
+            asyncio.create_task(self._heartbeat_loop(), name=f"storno-heartbeat-{self.id}"),
+        ]
+
+    async def run_forever(self) -> None:
+        """Start, and work until cancelled (Ctrl-C); then stop cleanly."""
+        await self.start()
+        try:
+            await asyncio.gather(*self._loops)
+        finally:
+            await self.stop()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming; let running runs finish for ``grace`` seconds, then hand the rest
+        back (their leases expire at once, so another worker resumes them)."""
+        if not self._loops:
+            return
+        self._stopping = True
+        self.app._detach_worker(self)
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops = []
+        running = list(self._tasks.values())
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        handed_back = [run_id for run_id in list(self._tasks)]
+        if handed_back:
+            try:
+                # Renewing to expire at time 0 releases the leases without a special query.
+                await self.app.store.renew(self.id, handed_back, now=0.0, lease_seconds=0.0)
+            except StoreError as exc:
+                log.warning("could not hand back %d runs: %s", len(handed_back), exc)
+
+    def wake(self) -> None:
+        """Claim now instead of at the next poll (a run was started or became due)."""
+        self._wake.set()
+
+    def try_reserve(self) -> bool:
+        """Book a slot for a run about to be created already leased to this worker."""
+        if not self.running:
+            return False
+        if len(self._tasks) + self._reserved >= self.concurrency:
+            self._saturated = True  # the run will be created pending: claim it when free
+            return False
+        self._reserved += 1
+        return True
+
+    def unreserve(self) -> None:
+        self._reserved -= 1
+
+    def adopt(self, record: RunRecord, lease: Lease, history: list[Event]) -> None:
+        """Execute a run that was created already leased to this worker."""
+        self._reserved -= 1
+        self._spawn(record, lease, history)
+
+    def _spawn(self, record: RunRecord, lease: Lease, history: list[Event] | None) -> None:
+        task = asyncio.create_task(self._execute(record, lease, history))
+        self._tasks[record.run_id] = task
+
+        def done(_: asyncio.Task[None]) -> None:
+            if self._tasks.get(record.run_id) is task:
+                del self._tasks[record.run_id]
+            if self._saturated:
+                self._wake.set()
+
+        task.add_done_callback(done)
+
+    async def _execute(self, record: RunRecord, lease: Lease, history: list[Event] | None) -> None:
+        try:
+            if history is None:
+                history = await self.app.store.history(record.run_id)
+            await RunExecution(self.app, record, lease, history).execute()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The lease expires and another attempt resumes the run from its history.
+            log.exception("run %s: execution stopped by an unexpected error", record.run_id)
+        finally:
+            self.app._run_settled(record.run_id)
+
+    async def _claim(self, *, include_own: bool = False) -> tuple[int, int]:
+        """Claim as many runs as there are free slots; return (free, claimed)."""
+        free = self.concurrency - len(self._tasks) - self._reserved
+        self._saturated = free <= 0
+        if free <= 0:
+            return free, 0
+        claimed = await self.app.store.claim(
+            self.id,
+            limit=free,
+            now=self.app.clock.now(),
+            lease_seconds=self.app.lease_seconds,
+            sagas=self.app.saga_names,
+            include_own=include_own,
+        )
+        self._saturated = len(claimed) == free
+        for record, lease in claimed:
+            self._spawn(record, lease, None)
+        return free, len(claimed)
+
+    async def _claim_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                free, claimed = await self._claim()
+                failures = 0
+            except StoreError as exc:
+                failures += 1
+                log.warning("claim failed (%d in a row): %s", failures, exc)
+                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+                continue
+            if claimed and claimed == free:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.app.lease_seconds / 3
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            ids = list(self._tasks)
+            if not ids:
+                continue
+            try:
+                lost = await self.app.store.renew(
+                    self.id, ids, now=self.app.clock.now(), lease_seconds=self.app.lease_seconds
+                )
+            except StoreError as exc:
+                log.warning("lease renewal failed: %s", exc)
+                continue
+            for run_id in lost:
+                task = self._tasks.get(run_id)
+                if task is not None:
+                    log.warning("run %s: lease taken over by another worker; stopping", run_id)
+                    task.cancel()
