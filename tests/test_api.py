@@ -1,0 +1,41 @@
+"""The public API is what `storno.__all__` says, and nothing moves by accident."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import storno
+
+EXPECTED = {
+    "Storno", "RunHandle", "Worker", "RunStatus", "RunInfo", "StepInfo", "CompensationInfo",
+    "HistoryEvent", "saga", "step", "Saga", "Step", "StepKind", "RetryPolicy", "SagaContext",
+    "SyncSagaContext", "StepContext", "CompensationContext", "NOT_APPLIED", "NotApplied",
+    "UNKNOWN", "Unknown", "Plan", "PlanStep", "validate_plan", "StornoError",
+    "ConfigurationError", "PlanError", "SerializationError", "PayloadTooLargeError",
+    "DeterminismError", "ArgumentMismatchError", "RunConflictError", "RunNotFoundError",
+    "StoreError", "LeaseLostError", "TerminalError", "OutcomeUnknownError", "StepFailedError",
+    "WaitTimeoutError", "RunFailedError", "RunCompensatedError", "CompensationFailedError",
+    "NeedsAttentionError",
+}  # fmt: skip
+
+
+def test_public_names_are_pinned():
+    assert set(storno.__all__) == EXPECTED
+    assert len(storno.__all__) == len(EXPECTED)
+    public = {n for n in vars(storno) if not n.startswith("_") and n not in ("annotations",)}
+    assert public - EXPECTED == set(), "a public name is not in __all__"
+
+
+def test_every_error_descends_from_one_root():
+    errors = [getattr(storno, n) for n in storno.__all__ if n.endswith("Error")]
+    for error in errors:
+        assert issubclass(error, storno.StornoError), error
+    documented = inspect.getdoc(storno._errors)
+    assert documented is not None
+    for error in errors:
+        assert error.__name__ in documented, f"{error.__name__} missing from the drawn tree"
+
+
+def test_package_is_typed():
+    assert (Path(storno.__file__).parent / "py.typed").exists()

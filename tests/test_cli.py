@@ -1,0 +1,318 @@
+"""The ``storno`` command, run for real in a subprocess against SQLite files in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+STEPS = ["book_slot", "charge_card", "send_sms", "sync_calendar"]
+ENV = {k: v for k, v in os.environ.items() if k != "STORNO_URL"}
+
+
+def cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "storno", *args],
+        cwd=cwd,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def cli_json(*args: str, cwd: Path) -> Any:
+    done = cli(*args, "--json", cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def ops(run: dict[str, Any], ledger: str) -> list[str]:
+    return [entry["op"] for entry in run["ledgers"][ledger]]
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+def test_demo_completes_and_reads_back_the_lost_charge(tmp_path: Path) -> None:
+    run = cli_json("demo", "--db", f"sqlite:///{tmp_path / 'd.db'}", cwd=tmp_path)
+
+    assert run["status"] == "completed"
+    assert [s["name"] for s in run["steps"]] == STEPS
+    assert all(s["status"] == "completed" and s["kind"] == "compensable" for s in run["steps"])
+    charge = run["steps"][1]
+    # The first answer was lost; the read-back found the charge, so it was not made again.
+    assert charge["attempts"] == 1
+    assert charge["verified"] == [True]
+    assert charge["outcome_unknown"] is False
+    events = [e for e in run["history"] if e["position"] == 1]
+    assert [e["type"] for e in events] == ["step_started", "attempt_failed", "verified"]
+    assert events[1]["data"]["outcome_unknown"] is True
+    assert events[2]["data"]["applied"] is True
+    assert ops(run, "payment provider") == ["charge"]
+    assert run["ledgers"]["payment provider"][0]["key"] == charge["idempotency_key"]
+
+
+def test_demo_fail_at_sync_calendar_compensates_in_reverse(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    run = cli_json("demo", "--fail-at", "sync_calendar", "--db", url, cwd=tmp_path)
+
+    assert run["status"] == "compensated"
+    *done, failed = run["steps"]
+    assert failed["name"] == "sync_calendar"
+    assert failed["status"] == "failed"
+    assert failed["compensation"] is None  # it never took effect: nothing to undo
+    assert [s["compensation"]["status"] for s in done] == ["completed"] * 3
+    order = [e["position"] for e in run["history"] if e["type"] == "compensation_step_completed"]
+    assert order == [2, 1, 0]
+    # Each effect is undone by a counter-entry; the original stays visible.
+    assert ops(run, "slot calendar") == ["book", "release"]
+    assert ops(run, "payment provider") == ["charge", "refund"]
+    assert ops(run, "sms gateway") == ["send", "send"]
+    assert ops(run, "calendar api") == []
+    for step, ledger in zip(
+        done, ["slot calendar", "payment provider", "sms gateway"], strict=True
+    ):
+        forward, undo = run["ledgers"][ledger]
+        assert forward["key"] == step["idempotency_key"]
+        assert undo["key"] == step["compensation"]["idempotency_key"]
+
+
+def test_demo_fail_at_book_slot_compensates_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    run = cli_json("demo", "--fail-at", "book_slot", "--db", url, cwd=tmp_path)
+
+    assert run["status"] == "compensated"
+    assert [(s["name"], s["status"], s["compensation"]) for s in run["steps"]] == [
+        ("book_slot", "failed", None)
+    ]
+    assert not [e for e in run["history"] if e["type"].startswith("compensation_step")]
+    assert all(entries == [] for entries in run["ledgers"].values())
+
+
+def test_demo_text_output_shows_the_timeline(tmp_path: Path) -> None:
+    done = cli("demo", "--fail-at", "sync_calendar", cwd=tmp_path)  # default --db
+
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert (tmp_path / "storno.db").exists()
+    assert "status compensated" in out
+    for name in STEPS:
+        assert name in out
+    assert "compensat" in out
+    assert "outcome unknown" in out
+    assert "read-back" in out
+    assert "refund" in out  # the ledgers
+
+
+def test_demo_fail_at_rejects_unknown_steps(tmp_path: Path) -> None:
+    done = cli("demo", "--fail-at", "teleport", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "teleport" in done.stderr
+
+
+# --- list and show -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, list[str]]:
+    """A database with two demo runs (completed, then compensated), newest last."""
+    folder = tmp_path_factory.mktemp("demo")
+    url = f"sqlite:///{folder / 'demo.db'}"
+    ids = [
+        cli_json("demo", "--db", url, cwd=folder)["id"],
+        cli_json("demo", "--fail-at", "send_sms", "--db", url, cwd=folder)["id"],
+    ]
+    return folder, url, ids
+
+
+def test_list_shows_the_runs(demo_db: tuple[Path, str, list[str]]) -> None:
+    folder, url, (completed, compensated) = demo_db
+
+    runs = cli_json("list", "--db", url, cwd=folder)
+    assert {r["id"] for r in runs} == {completed, compensated}
+    assert all(r["saga"] == "booking" for r in runs)
+    only = cli_json("list", "--status", "compensated", "--db", url, cwd=folder)
+    assert [r["id"] for r in only] == [compensated]
+
+    table = cli("list", "--db", url, cwd=folder)
+    assert table.returncode == 0, table.stderr
+    assert completed in table.stdout and compensated in table.stdout
+
+
+def test_show_prints_the_timeline(demo_db: tuple[Path, str, list[str]]) -> None:
+    folder, url, (_, compensated) = demo_db
+
+    run = cli_json("show", compensated, "--db", url, cwd=folder)
+    assert run["id"] == compensated
+    assert run["status"] == "compensated"
+    assert run["history"][0]["type"] == "run_created"
+
+    text = cli("show", compensated, "--db", url, cwd=folder)
+    assert text.returncode == 0, text.stderr
+    assert compensated in text.stdout
+    assert "sms gateway refused" in text.stdout  # the error
+    assert "compensations" in text.stdout
+
+
+def test_show_unknown_run_names_it(demo_db: tuple[Path, str, list[str]]) -> None:
+    folder, url, _ = demo_db
+    done = cli("show", "no-such-run", "--db", url, cwd=folder)
+    assert done.returncode == 1
+    assert "no-such-run" in done.stderr
+
+
+def test_list_rejects_an_unknown_status(demo_db: tuple[Path, str, list[str]]) -> None:
+    folder, url, _ = demo_db
+    done = cli("list", "--status", "bogus", "--db", url, cwd=folder)
+    assert done.returncode == 2
+    assert "bogus" in done.stderr
+
+
+def test_list_does_not_create_a_missing_database(tmp_path: Path) -> None:
+    done = cli("list", "--db", f"sqlite:///{tmp_path / 'missing.db'}", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "missing.db" in done.stderr
+    assert not (tmp_path / "missing.db").exists()
+
+
+# --- worker ------------------------------------------------------------------------------
+
+APP_MODULE = """
+import storno
+
+@storno.step(kind="retryable")
+async def greet(ctx: storno.StepContext, name: str) -> str:
+    return f"hello {{name}} ({{ctx.idempotency_key}})"
+
+@storno.saga
+async def greeting(ctx: storno.SagaContext, name: str) -> str:
+    return await ctx.step(greet, name)
+
+app = storno.Storno({url!r}, sagas=[greeting])
+"""
+
+
+def write_app(folder: Path, module: str, url: str) -> None:
+    (folder / f"{module}.py").write_text(textwrap.dedent(APP_MODULE.format(url=url)))
+
+
+def test_worker_executes_a_run_and_stops_on_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    write_app(tmp_path, "tests_module", url)
+    # The app's own URL wins over $STORNO_URL: the worker must not look at elsewhere.db.
+    env = {**ENV, "STORNO_URL": f"sqlite:///{tmp_path / 'elsewhere.db'}"}
+    args = ["worker", "--app", "tests_module:app", "--poll-interval", "0.05"]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "storno", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        monkeypatch.syspath_prepend(str(tmp_path))
+        module = importlib.import_module("tests_module")
+
+        async def start_and_wait() -> str:
+            async with module.app as app:
+                handle = await app.start(module.greeting.options(run_id="run-1"), "ada")
+                result: str = await handle.result(timeout=20)  # the worker must run it
+                return result
+
+        assert asyncio.run(start_and_wait()).startswith("hello ada (st-")
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=20)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert worker.returncode == 0, err
+    assert f"started on {url}" in err
+    assert "run run-1: picked up" in err
+    assert "run run-1: completed" in err
+    assert err.rstrip().endswith("stopped")
+    assert not (tmp_path / "elsewhere.db").exists()
+
+
+def test_worker_db_option_overrides_the_app_url(tmp_path: Path) -> None:
+    write_app(tmp_path, "db_override_app", "sqlite:///app.db")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    args = ["worker", "--app", "db_override_app:app", "--db", other]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "storno", *args],
+        cwd=tmp_path,
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stderr is not None
+        first = worker.stderr.readline()  # blocks until the worker has started (or died)
+        worker.send_signal(signal.SIGINT)
+        rest = worker.communicate(timeout=20)[1]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert f"started on {other}" in first, first + rest
+    assert worker.returncode == 0
+    assert (tmp_path / "other.db").exists()
+    assert not (tmp_path / "app.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("ref", "says"),
+    [
+        ("nosuchmodule:app", "no module named 'nosuchmodule'"),
+        ("badapp:missing", "has no attribute 'missing'"),
+        ("badapp:number", "not a storno.Storno application"),
+        ("badapp", "is not MODULE:ATTR"),
+    ],
+)
+def test_worker_rejects_a_bad_app(tmp_path: Path, ref: str, says: str) -> None:
+    (tmp_path / "badapp.py").write_text("number = 3\n")
+    done = cli("worker", "--app", ref, cwd=tmp_path)
+    assert done.returncode == 2
+    assert says in done.stderr
+    assert "--app" in done.stderr
+
+
+# --- the documentation -------------------------------------------------------------------
+
+
+def test_the_examples_in_docs_cli_md_run(tmp_path: Path) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    script = "\n".join(re.findall(r"```sh\n(.*?)```", page, re.S))
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "storno").exists():
+        pytest.skip(f"no storno script next to {sys.executable}")
+    env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV.get('PATH', '')}"}
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "status compensated" in done.stdout
+    assert "exit code 1" in done.stdout  # storno show no-such-run
+    assert "hello ada" in done.stdout  # the run the worker executed
+    assert "run " in done.stderr and ": completed" in done.stderr
