@@ -422,15 +422,6 @@ def test_sigkill_from_outside_repeatedly(tmp_path: Path) -> None:
     assert scenario.effect_count() == total
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine bug: Worker._claim_loop passes include_own=True only to its first claim, so a "
-        "restarted worker with fewer free slots than the runs its dead predecessor held "
-        "resumes one batch at once and leaves the rest waiting for their leases (30 s)"
-    ),
-    raises=pytest.fail.Exception,
-)
 def test_restarted_worker_with_fewer_slots_takes_over_all_its_runs_at_once(
     tmp_path: Path,
 ) -> None:

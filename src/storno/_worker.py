@@ -58,6 +58,10 @@ class Worker:
         self._wake = asyncio.Event()
         self._stopping = False
         self._saturated = False  # the last claim filled every slot: more may be waiting
+        # A restart under a dead worker's id inherits its runs, still leased to this id. Until
+        # a claim finds no more of them, claims include them (minus the ones running here) and
+        # local starts are not adopted, so no run leased to this id is ever claimed twice.
+        self._inheriting = False
         self._loops: list[asyncio.Task[None]] = []
 
     @property
@@ -81,9 +85,8 @@ class Worker:
             return
         await self.app.open()
         self._stopping = False
-        # Take back this worker id's own runs first (a restart of a dead worker), before the
-        # worker accepts runs started locally: those are leased to the same id.
-        await self._claim(include_own=True)
+        self._inheriting = True
+        await self._claim()
         self.app._attach_worker(self)
         self._loops = [
             asyncio.create_task(self._claim_loop(), name=f"storno-claim-{self.id}"),
@@ -129,7 +132,7 @@ class Worker:
 
     def try_reserve(self) -> bool:
         """Book a slot for a run about to be created already leased to this worker."""
-        if not self.running:
+        if not self.running or self._inheriting:
             return False
         if len(self._tasks) + self._reserved >= self.concurrency:
             self._saturated = True  # the run will be created pending: claim it when free
@@ -170,21 +173,25 @@ class Worker:
         finally:
             self.app._run_settled(record.run_id)
 
-    async def _claim(self, *, include_own: bool = False) -> tuple[int, int]:
+    async def _claim(self) -> tuple[int, int]:
         """Claim as many runs as there are free slots; return (free, claimed)."""
         free = self.concurrency - len(self._tasks) - self._reserved
         self._saturated = free <= 0
         if free <= 0:
             return free, 0
+        inheriting = self._inheriting
         claimed = await self.app.store.claim(
             self.id,
             limit=free,
             now=self.app.clock.now(),
             lease_seconds=self.app.lease_seconds,
             sagas=self.app.saga_names,
-            include_own=include_own,
+            include_own=inheriting,
+            exclude=list(self._tasks) if inheriting else (),
         )
         self._saturated = len(claimed) == free
+        if inheriting and not self._saturated:
+            self._inheriting = False
         for record, lease in claimed:
             self._spawn(record, lease, None)
         return free, len(claimed)

@@ -111,13 +111,15 @@ class Store(abc.ABC):
         lease_seconds: float,
         sagas: Sequence[str] | None = None,
         include_own: bool = False,
+        exclude: Sequence[str] = (),
     ) -> list[tuple[RunRecord, Lease]]:
         """Lease up to ``limit`` runs that are pending or whose lease has expired.
 
         ``sagas`` limits the claim to runs of sagas this worker can execute.
 
-        ``include_own`` also takes runs still leased to ``owner``: a restarted worker with a
-        stable id resumes its own runs at once instead of waiting for the leases to expire.
+        ``include_own`` also takes runs still leased to ``owner`` except those in ``exclude``
+        (the ones it already executes): a restarted worker with a stable id resumes its dead
+        predecessor's runs at once instead of waiting for their leases to expire.
         """
 
     @abc.abstractmethod

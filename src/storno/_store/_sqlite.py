@@ -457,11 +457,15 @@ class SQLiteStore(Store):
         lease_seconds: float,
         sagas: Sequence[str] | None = None,
         include_own: bool = False,
+        exclude: Sequence[str] = (),
     ) -> list[tuple[RunRecord, Lease]]:
         if limit <= 0 or (sagas is not None and not sagas):
             return []
         names = list(sagas or [])
+        skip = list(exclude)
         only = f"AND saga IN ({','.join('?' * len(names))})" if sagas is not None else ""
+        if skip:
+            only += f" AND run_id NOT IN ({','.join('?' * len(skip))})"
         sql = (
             "UPDATE storno_runs SET owner = ?, epoch = epoch + 1, lease_expires_at = ?, "
             " updated_at = ?, status = CASE status WHEN 'pending' THEN 'running' ELSE status END "
@@ -472,7 +476,7 @@ class SQLiteStore(Store):
             "  ORDER BY created_at LIMIT ?) "
             "RETURNING *"
         )
-        params = (owner, now + lease_seconds, now, now, include_own, owner, *names, limit)
+        params = (owner, now + lease_seconds, now, now, include_own, owner, *names, *skip, limit)
 
         def op(conn: sqlite3.Connection) -> list[tuple[RunRecord, Lease]]:
             rows = conn.execute(sql, params).fetchall()
