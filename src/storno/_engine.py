@@ -437,9 +437,10 @@ class RunExecution:
             )
             await self._commit()
             first_start = first_start or clock.now()
-            _faults.point("step.started", run_id=run_id, step=step.name, attempt=attempts)
             context = StepContext(run_id, step.name, position, key, attempts, step.kind)
             try:
+                # An Exception raised here counts as the attempt's own failure (fault injection).
+                _faults.point("step.started", run_id=run_id, step=step.name, attempt=attempts)
                 result = await self._call(
                     step.fn, context, args, kwargs, self._time_left(step, first_start)
                 )
@@ -620,11 +621,13 @@ class RunExecution:
                 {"step": state.name, "key": key, "attempt": attempts},
             )
             await self._commit()
-            _faults.point("compensation.started", run_id=run_id, step=state.name, attempt=attempts)
             context: CompensationContext[Any] = CompensationContext(
                 run_id, state.name, position, key, state.key, attempts, result, error
             )
             try:
+                _faults.point(
+                    "compensation.started", run_id=run_id, step=state.name, attempt=attempts
+                )
                 await self._call(compensate, context, args, kwargs, step.attempt_timeout)
             except Exception as exc:
                 last = error_info(exc)
