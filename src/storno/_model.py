@@ -20,6 +20,8 @@ __all__ = [
     "TERMINAL_STATUSES",
     "Event",
     "EventType",
+    "InboxMessage",
+    "MessageKind",
     "Lease",
     "RetryPolicy",
     "RunRecord",
@@ -100,6 +102,18 @@ class EventType(enum.StrEnum):
     RUN_COMPENSATED = "run_compensated"
     RUN_COMPENSATION_FAILED = "run_compensation_failed"
     RUN_NEEDS_ATTENTION = "run_needs_attention"
+    RUN_WAITING = "run_waiting"  # the run suspended: it holds no worker until it is woken
+    TIMER_STARTED = "timer_started"  # ctx.sleep(): carries the wake time
+    TIMER_FIRED = "timer_fired"
+    SIGNAL_WAIT_STARTED = "signal_wait_started"  # carries the signal name and its timeout
+    SIGNAL_RECEIVED = "signal_received"  # a buffered signal consumed at this position
+    SIGNAL_TIMED_OUT = "signal_timed_out"
+    CHILD_STARTED = "child_started"
+    CHILD_ENDED = "child_ended"
+    CANCEL_REQUESTED = "cancel_requested"  # who asked and why; compensation follows
+    CANCEL_REFUSED = "cancel_refused"  # asked after the point of no return
+    RUN_CANCELLED = "run_cancelled"
+    OPERATOR_ACTION = "operator_action"  # retry or resolve of a dead letter, with actor and note
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +131,32 @@ class Event:
     position: int | None = None
     data: dict[str, Any] = field(default_factory=dict)
     payload: str | None = None
+
+
+class MessageKind(enum.StrEnum):
+    """What a message in a run's inbox asks of it."""
+
+    SIGNAL = "signal"  # a named signal with a JSON payload, consumed by ctx.wait_for_signal()
+    CANCEL = "cancel"  # an operator asks the run to stop and compensate
+    CHILD = "child"  # a child run ended; ``name`` is its run id
+
+
+@dataclass(frozen=True, slots=True)
+class InboxMessage:
+    """Input for a run from outside its worker: signals, cancel requests, child outcomes.
+
+    Messages are numbered per run (``seq``) and never changed; the run's history records which
+    ones it consumed, so a replay consumes the same ones at the same positions. A repeated
+    ``message_id`` is stored once.
+    """
+
+    kind: MessageKind
+    name: str
+    payload: str | None = None  # encoded JSON
+    message_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # who sent it and why
+    seq: int = 0
+    sent_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +184,10 @@ class RunRecord:
     owner: str | None = None
     lease_expires_at: float | None = None
     epoch: int = 0
+    wake_at: float | None = None  # waiting: when its timer fires; pending: a scheduled start
+    parent_run_id: str | None = None
+    inbox_seq: int = 0  # number of the newest message in the run's inbox
+    state: dict[str, Any] | None = None  # values published with ctx.publish(), for queries
 
 
 def seconds(value: float | timedelta | None, what: str) -> float | None:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from storno._errors import ConfigurationError
-from storno._model import Event, Lease, RunRecord, RunStatus
+from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
 
-__all__ = ["NewRun", "RunUpdate", "Store", "open_store"]
+__all__ = ["Delivery", "NewRun", "RunUpdate", "Store", "open_store"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,19 +28,38 @@ class NewRun:
     created_at: float
     deadline: float | None
     event: Event
+    wake_at: float | None = None  # a scheduled start: no worker claims the run before
+    parent_run_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RunUpdate:
     """A change of a run's state written together with history events.
 
-    ``release`` drops the lease: the run is finished, parked for a person, or handed back.
+    ``release`` drops the lease: the run is finished, suspended, parked for a person, or
+    handed back. A run suspended in ``waiting`` is claimable again at ``wake_at`` (never, if
+    ``None``, until a message arrives), or at once if its inbox got a message newer than
+    ``seen_inbox`` while it was deciding to wait. ``notify`` goes into the inbox of the run
+    named by ``notify_run_id`` in the same transaction (a child telling its parent it ended).
     """
 
     status: RunStatus
     result: str | None = None
     error: dict[str, Any] | None = None
     release: bool = False
+    wake_at: float | None = None
+    seen_inbox: int | None = None
+    notify_run_id: str | None = None
+    notify: InboxMessage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What became of a message sent to a run's inbox."""
+
+    status: RunStatus  # the run's status when the message arrived
+    seq: int  # the message's number in the inbox (0 if the run had ended: not stored)
+    duplicate: bool = False  # a message with the same id was stored before
 
 
 class Store(abc.ABC):
@@ -94,11 +113,46 @@ class Store(abc.ABC):
         *,
         now: float,
         lease_seconds: float,
-    ) -> None:
-        """Append events and apply the update atomically, renewing the lease.
+        state: str | None = None,
+    ) -> int:
+        """Append events and apply the update atomically, renewing the lease; return the
+        number of the newest message in the run's inbox (so the engine notices new ones).
 
+        ``state`` replaces the run's published query values (encoded JSON object).
         Raises :class:`storno.LeaseLostError` if the lease is no longer the run's current one;
         nothing is written then.
+        """
+
+    @abc.abstractmethod
+    async def deliver(self, run_id: str, message: InboxMessage, *, now: float) -> Delivery | None:
+        """Store a message in the run's inbox and wake the run if it is waiting.
+
+        Returns ``None`` if no run has that id. A run that has ended stores nothing (``seq``
+        0); a message whose ``message_id`` was stored before is not stored again.
+        """
+
+    @abc.abstractmethod
+    async def inbox(self, run_id: str, *, after: int = 0) -> list[InboxMessage]:
+        """The run's messages numbered above ``after``, in order."""
+
+    @abc.abstractmethod
+    async def operate(
+        self,
+        run_id: str,
+        *,
+        expected: Sequence[RunStatus],
+        status: RunStatus,
+        event_type: EventType,
+        data: dict[str, Any],
+        now: float,
+        claimable: bool,
+    ) -> RunRecord | None:
+        """An operator's change of a run that no worker holds (a dead letter retried or
+        resolved, a completed child asked to compensate): append one event at the end of the
+        history and set the status, atomically.
+
+        Returns the updated run, or ``None`` if the run is not in one of ``expected`` or a
+        worker holds a live lease on it. ``claimable`` makes it claimable by any worker now.
         """
 
     @abc.abstractmethod
@@ -113,7 +167,9 @@ class Store(abc.ABC):
         include_own: bool = False,
         exclude: Sequence[str] = (),
     ) -> list[tuple[RunRecord, Lease]]:
-        """Lease up to ``limit`` runs that are pending or whose lease has expired.
+        """Lease up to ``limit`` runs that are due: pending (and past any scheduled start),
+        waiting with a wake time that has come, or running/compensating with an expired lease.
+        A claimed pending or waiting run becomes running; a compensating one stays so.
 
         ``sagas`` limits the claim to runs of sagas this worker can execute.
 

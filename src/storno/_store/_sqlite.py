@@ -22,8 +22,16 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from storno._errors import ConfigurationError, LeaseLostError, StoreError
-from storno._model import Event, EventType, Lease, RunRecord, RunStatus
-from storno._store._base import NewRun, RunUpdate, Store
+from storno._model import (
+    Event,
+    EventType,
+    InboxMessage,
+    Lease,
+    MessageKind,
+    RunRecord,
+    RunStatus,
+)
+from storno._store._base import Delivery, NewRun, RunUpdate, Store
 
 __all__ = ["SQLiteStore", "parse_sqlite_url"]
 
@@ -147,6 +155,10 @@ def _record(row: sqlite3.Row) -> RunRecord:
         owner=row["owner"],
         lease_expires_at=row["lease_expires_at"],
         epoch=row["epoch"],
+        wake_at=row["wake_at"],
+        parent_run_id=row["parent_run_id"],
+        inbox_seq=row["inbox_seq"],
+        state=json.loads(row["state"]) if row["state"] else None,
     )
 
 
@@ -161,6 +173,58 @@ _INSERT_EVENTS = (
     "INSERT INTO storno_events (run_id, seq, type, at, position, data, payload) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+_ENDED = tuple(
+    s.value
+    for s in (
+        RunStatus.COMPLETED,
+        RunStatus.COMPENSATED,
+        RunStatus.COMPENSATION_FAILED,
+        RunStatus.NEEDS_ATTENTION,
+        RunStatus.CANCELLED,
+    )
+)
+
+
+def _deliver(
+    conn: sqlite3.Connection, run_id: str, message: InboxMessage, now: float
+) -> Delivery | None:
+    """Store a message in a run's inbox and wake the run if it waits (inside a transaction)."""
+    row = conn.execute(
+        "SELECT status, inbox_seq FROM storno_runs WHERE run_id = ?", (run_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    status = RunStatus(row["status"])
+    if status.value in _ENDED:
+        return Delivery(status, 0)
+    if message.message_id is not None:
+        seen = conn.execute(
+            "SELECT seq FROM storno_inbox WHERE run_id = ? AND message_id = ?",
+            (run_id, message.message_id),
+        ).fetchone()
+        if seen is not None:
+            return Delivery(status, seen[0], duplicate=True)
+    seq = row["inbox_seq"] + 1
+    conn.execute(
+        "INSERT INTO storno_inbox (run_id, seq, kind, name, message_id, payload, meta, sent_at)"
+        " VALUES (?,?,?,?,?,?,?,?)",
+        (
+            run_id,
+            seq,
+            message.kind.value,
+            message.name,
+            message.message_id,
+            message.payload,
+            json.dumps(message.meta),
+            now,
+        ),
+    )
+    conn.execute(
+        "UPDATE storno_runs SET inbox_seq = ?, "
+        "wake_at = CASE WHEN status = 'waiting' THEN ? ELSE wake_at END WHERE run_id = ?",
+        (seq, now, run_id),
+    )
+    return Delivery(status, seq)
 
 
 class _Writer(threading.Thread):
@@ -326,7 +390,8 @@ class SQLiteStore(Store):
             claimed = claim_for is not None
             row = conn.execute(
                 "INSERT INTO storno_runs (run_id, saga, status, input, created_at, updated_at,"
-                " deadline, owner, lease_expires_at, epoch) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                " deadline, owner, lease_expires_at, epoch, wake_at, parent_run_id)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (run_id) DO NOTHING RETURNING *",
                 (
                     run.run_id,
@@ -339,6 +404,8 @@ class SQLiteStore(Store):
                     claim_for,
                     run.created_at + lease_seconds if claimed else None,
                     1 if claimed else 0,
+                    run.wake_at,
+                    run.parent_run_id,
                 ),
             ).fetchone()
             if row is None:
@@ -411,33 +478,44 @@ class SQLiteStore(Store):
         *,
         now: float,
         lease_seconds: float,
-    ) -> None:
+        state: str | None = None,
+    ) -> int:
         rows = _event_rows(lease.run_id, events)
-        if update is None:
-            sql = (
-                "UPDATE storno_runs SET updated_at = ?, lease_expires_at = ? "
-                "WHERE run_id = ? AND owner = ? AND epoch = ?"
-            )
-            params: tuple[Any, ...] = (now, now + lease_seconds)
-        else:
-            sql = (
-                "UPDATE storno_runs SET updated_at = ?, lease_expires_at = ?, status = ?, "
-                "result = COALESCE(?, result), error = COALESCE(?, error), "
-                "owner = CASE WHEN ? THEN NULL ELSE owner END "
-                "WHERE run_id = ? AND owner = ? AND epoch = ?"
-            )
-            params = (
-                now,
-                None if update.release else now + lease_seconds,
+        sets = ["updated_at = ?", "lease_expires_at = ?", "state = COALESCE(?, state)"]
+        params: list[Any] = [now, now + lease_seconds, state]
+        notify: tuple[str, InboxMessage] | None = None
+        if update is not None:
+            if update.release:
+                params[1] = None
+            sets += [
+                "status = ?",
+                "result = COALESCE(?, result)",
+                "error = COALESCE(?, error)",
+                "owner = CASE WHEN ? THEN NULL ELSE owner END",
+                # A message that arrived while the run decided to wait wakes it at once.
+                "wake_at = CASE WHEN ? IS NOT NULL AND inbox_seq > ? THEN ? ELSE ? END",
+            ]
+            params += [
                 update.status.value,
                 update.result,
                 json.dumps(update.error) if update.error is not None else None,
                 update.release,
-            )
-        params += (lease.run_id, lease.owner, lease.epoch)
+                update.seen_inbox,
+                update.seen_inbox,
+                now,
+                update.wake_at,
+            ]
+            if update.notify is not None and update.notify_run_id is not None:
+                notify = (update.notify_run_id, update.notify)
+        sql = (
+            f"UPDATE storno_runs SET {', '.join(sets)} "
+            "WHERE run_id = ? AND owner = ? AND epoch = ? RETURNING inbox_seq"
+        )
+        params += [lease.run_id, lease.owner, lease.epoch]
 
-        def op(conn: sqlite3.Connection) -> None:
-            if conn.execute(sql, params).rowcount != 1:
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute(sql, params).fetchone()
+            if row is None:
                 raise LeaseLostError(
                     f"run {lease.run_id} is no longer leased to worker {lease.owner} "
                     f"(epoch {lease.epoch}); another worker took it over, so this worker's "
@@ -445,8 +523,75 @@ class SQLiteStore(Store):
                 )
             if rows:
                 conn.executemany(_INSERT_EVENTS, rows)
+            if notify is not None:
+                _deliver(conn, notify[0], notify[1], now)
+            return int(row[0])
 
-        await self._write(op)
+        result: int = await self._write(op)
+        return result
+
+    async def deliver(self, run_id: str, message: InboxMessage, *, now: float) -> Delivery | None:
+        result: Delivery | None = await self._write(
+            lambda conn: _deliver(conn, run_id, message, now)
+        )
+        return result
+
+    async def inbox(self, run_id: str, *, after: int = 0) -> list[InboxMessage]:
+        def fn(conn: sqlite3.Connection) -> list[InboxMessage]:
+            rows = conn.execute(
+                "SELECT * FROM storno_inbox WHERE run_id = ? AND seq > ? ORDER BY seq",
+                (run_id, after),
+            )
+            return [
+                InboxMessage(
+                    kind=MessageKind(r["kind"]),
+                    name=r["name"],
+                    payload=r["payload"],
+                    message_id=r["message_id"],
+                    meta=json.loads(r["meta"]),
+                    seq=r["seq"],
+                    sent_at=r["sent_at"],
+                )
+                for r in rows
+            ]
+
+        return await self._read(fn)
+
+    async def operate(
+        self,
+        run_id: str,
+        *,
+        expected: Sequence[RunStatus],
+        status: RunStatus,
+        event_type: EventType,
+        data: dict[str, Any],
+        now: float,
+        claimable: bool,
+    ) -> RunRecord | None:
+        marks = ",".join("?" * len(expected))
+
+        def op(conn: sqlite3.Connection) -> RunRecord | None:
+            row = conn.execute(
+                "UPDATE storno_runs SET status = ?, updated_at = ?, owner = NULL, "
+                "lease_expires_at = ?, wake_at = NULL "
+                f"WHERE run_id = ? AND status IN ({marks}) "
+                "AND (owner IS NULL OR lease_expires_at < ?) RETURNING *",
+                (status.value, now, 0.0 if claimable else None, run_id, *expected, now),
+            ).fetchone()
+            if row is None:
+                return None
+            seq = conn.execute(
+                "SELECT COALESCE(MAX(seq), -1) + 1 FROM storno_events WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()[0]
+            conn.executemany(
+                _INSERT_EVENTS,
+                _event_rows(run_id, [Event(seq, event_type, now, None, data)]),
+            )
+            return _record(row)
+
+        result: RunRecord | None = await self._write(op)
+        return result
 
     async def claim(
         self,
@@ -468,15 +613,20 @@ class SQLiteStore(Store):
             only += f" AND run_id NOT IN ({','.join('?' * len(skip))})"
         sql = (
             "UPDATE storno_runs SET owner = ?, epoch = epoch + 1, lease_expires_at = ?, "
-            " updated_at = ?, status = CASE status WHEN 'pending' THEN 'running' ELSE status END "
+            " updated_at = ?, wake_at = NULL, "
+            " status = CASE WHEN status IN ('pending', 'waiting') THEN 'running' ELSE status END "
             "WHERE run_id IN (SELECT run_id FROM storno_runs "
-            "  WHERE (status = 'pending' "
+            "  WHERE ((status = 'pending' AND (wake_at IS NULL OR wake_at <= ?)) "
+            "     OR (status = 'waiting' AND wake_at <= ?) "
             "     OR (status IN ('running', 'compensating') "
             f"         AND (lease_expires_at < ? OR (? AND owner = ?)))) {only} "
             "  ORDER BY created_at LIMIT ?) "
             "RETURNING *"
         )
-        params = (owner, now + lease_seconds, now, now, include_own, owner, *names, *skip, limit)
+        params = (
+            *(owner, now + lease_seconds, now, now, now, now),
+            *(include_own, owner, *names, *skip, limit),
+        )
 
         def op(conn: sqlite3.Connection) -> list[tuple[RunRecord, Lease]]:
             rows = conn.execute(sql, params).fetchall()
