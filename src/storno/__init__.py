@@ -18,7 +18,7 @@ from storno._definitions import (
     saga,
     step,
 )
-from storno._engine import SagaContext, SyncSagaContext
+from storno._context import SagaContext, SyncSagaContext
 from storno._errors import (
     ArgumentMismatchError,
     CompensationFailedError,

@@ -12,18 +12,30 @@ from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from storno._clock import Clock, SystemClock
+from storno._context import APPROVAL_SIGNAL
 from storno._definitions import Saga, Step
 from storno._errors import (
     CompensationFailedError,
     ConfigurationError,
     NeedsAttentionError,
+    RunCancelledError,
     RunCompensatedError,
     RunConflictError,
     RunFailedError,
     RunNotFoundError,
+    RunStateError,
     WaitTimeoutError,
 )
-from storno._model import Event, EventType, Lease, RunStatus, seconds
+from storno._history import fold
+from storno._model import (
+    Event,
+    EventType,
+    InboxMessage,
+    Lease,
+    MessageKind,
+    RunStatus,
+    seconds,
+)
 from storno._plan import PLAN_SAGA, Plan, PlanStep, parse_plan, validate_plan
 from storno._serde import DEFAULT_MAX_PAYLOAD_BYTES, decode, describe, encode
 from storno._store import NewRun, Store, open_store
@@ -51,7 +63,7 @@ _FAILURES: Mapping[RunStatus, type[RunFailedError]] = {
     RunStatus.COMPENSATED: RunCompensatedError,
     RunStatus.COMPENSATION_FAILED: CompensationFailedError,
     RunStatus.NEEDS_ATTENTION: NeedsAttentionError,
-    RunStatus.CANCELLED: RunFailedError,
+    RunStatus.CANCELLED: RunCancelledError,
 }
 
 
@@ -197,6 +209,24 @@ class Storno:
         if worker in self._workers:
             self._workers.remove(worker)
 
+    def wake_workers(self) -> None:
+        """Tell this process's workers that a run may have become claimable."""
+        for worker in self._workers:
+            worker.wake()
+
+    def note_wake(self, wake_at: float) -> None:
+        """Tell this process's workers that a run suspended here wakes at ``wake_at``."""
+        for worker in self._workers:
+            worker.wake_at(wake_at)
+
+    async def start_child(self, run: NewRun) -> None:
+        """Create a child run (idempotent by its id) and let a worker pick it up."""
+        _, created = await self.store.create_run(
+            run, claim_for=None, lease_seconds=self.lease_seconds
+        )
+        if created:
+            self.wake_workers()
+
     def _run_settled(self, run_id: str) -> None:
         for future in self._waiters.pop(run_id, []):
             if not future.done():
@@ -216,7 +246,10 @@ class Storno:
             what=f"input of saga {saga.name!r}",
             limit=self.max_payload_bytes,
         )
-        return await self._start(saga, text, saga.run_id, saga.timeout)
+        start_at = saga.start_at
+        if saga.start_delay is not None:
+            start_at = self.clock.now() + saga.start_delay
+        return await self._start(saga, text, saga.run_id, saga.timeout, start_at)
 
     async def start_plan(
         self,
@@ -237,15 +270,27 @@ class Storno:
         return await self._start(PLAN_SAGA, text, run_id, seconds(timeout, "timeout"))
 
     async def _start(
-        self, saga: Saga[..., Any], text: str, run_id: str | None, timeout: float | None
+        self,
+        saga: Saga[..., Any],
+        text: str,
+        run_id: str | None,
+        timeout: float | None,
+        start_at: float | None = None,
     ) -> RunHandle[Any]:
         await self.open()
         run_id = run_id or uuid.uuid4().hex
         now = self.clock.now()
-        deadline = now + timeout if timeout else None
-        event = Event(0, EventType.RUN_CREATED, now, None, {"saga": saga.name}, text)
-        new = NewRun(run_id, saga.name, text, now, deadline, event)
-        worker = next((w for w in self._workers if w.try_reserve()), None)
+        if start_at is not None and start_at <= now:
+            start_at = None
+        begins = start_at or now
+        deadline = begins + timeout if timeout else None
+        data: dict[str, Any] = {"saga": saga.name}
+        if start_at is not None:
+            data["start_at"] = start_at
+        event = Event(0, EventType.RUN_CREATED, now, None, data, text)
+        new = NewRun(run_id, saga.name, text, now, deadline, event, wake_at=start_at)
+        scheduled = start_at is not None
+        worker = None if scheduled else next((w for w in self._workers if w.try_reserve()), None)
         try:
             record, created = await self.store.create_run(
                 new, claim_for=worker.id if worker else None, lease_seconds=self.lease_seconds
@@ -265,9 +310,10 @@ class Storno:
                 )
         elif worker:
             worker.adopt(record, Lease(run_id, worker.id, record.epoch), [event])
+        elif start_at is not None:
+            self.note_wake(start_at)
         else:
-            for w in self._workers:
-                w.wake()
+            self.wake_workers()
         return RunHandle(self, run_id)
 
     async def run(self, saga: Saga[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -302,6 +348,128 @@ class Storno:
         wanted = RunStatus(status) if status is not None else None
         records = await self.store.list_runs(status=wanted, saga=saga, limit=limit, offset=offset)
         return [describe_run(r) for r in records]
+
+    # --- talking to runs ---------------------------------------------------------------
+
+    async def _deliver(self, run_id: str, message: InboxMessage) -> bool:
+        await self.open()
+        delivery = await self.store.deliver(run_id, message, now=self.clock.now())
+        if delivery is None:
+            raise RunNotFoundError(run_id)
+        if delivery.seq == 0:
+            raise RunStateError(
+                f"run {run_id} has already ended ({delivery.status.value}); "
+                f"the {message.kind.value} {message.name!r} was not stored"
+            )
+        if not delivery.duplicate:
+            self.wake_workers()
+        return not delivery.duplicate
+
+    async def signal(
+        self, run_id: str, name: str, data: Any = None, *, id: str | None = None
+    ) -> bool:
+        """Send a signal to a run; it is buffered until the run waits for it.
+
+        A signal with an ``id`` that was sent before is stored once: returns ``False`` then.
+        """
+        if not name:
+            raise ConfigurationError("a signal needs a name")
+        payload = encode(data, what=f"data of signal {name!r}", limit=self.max_payload_bytes)
+        message = InboxMessage(MessageKind.SIGNAL, name, payload, id, {"sent_by": "api"})
+        return await self._deliver(run_id, message)
+
+    async def approve(self, run_id: str, *, by: str, note: str | None = None) -> bool:
+        """Approve a run waiting in ``ctx.wait_for_approval()``; ``by`` names the person."""
+        decision = {"approved": True, "by": by, "note": note}
+        return await self.signal(run_id, APPROVAL_SIGNAL, decision)
+
+    async def reject(self, run_id: str, *, by: str, reason: str) -> bool:
+        """Reject a run waiting for approval; it compensates unless its code catches that."""
+        decision = {"approved": False, "by": by, "note": reason}
+        return await self.signal(run_id, APPROVAL_SIGNAL, decision)
+
+    async def cancel(self, run_id: str, *, by: str, reason: str) -> None:
+        """Cancel a run: its completed steps are compensated and it ends ``cancelled``.
+
+        Refused with :class:`storno.RunStateError` once the run is past its point of no
+        return (it must go forward) or has ended. A running run stops at its next step.
+        """
+        await self.open()
+        record = await self.store.get_run(run_id)
+        if record is None:
+            raise RunNotFoundError(run_id)
+        past = fold(await self.store.history(run_id)).point_of_no_return()
+        if past is not None and record.status not in ENDED:
+            raise RunStateError(
+                f"run {run_id} is past its point of no return (step {past.name!r}, "
+                f"#{past.position}); it must go forward and cannot be cancelled"
+            )
+        meta = {"by": by, "reason": reason}
+        await self._deliver(run_id, InboxMessage(MessageKind.CANCEL, "cancel", None, None, meta))
+
+    async def dead_letters(self, *, limit: int = 100, offset: int = 0) -> list[RunInfo]:
+        """Runs whose compensation kept failing (``compensation_failed``), newest first."""
+        return await self.list_runs(
+            status=RunStatus.COMPENSATION_FAILED, limit=limit, offset=offset
+        )
+
+    async def retry(self, run_id: str, *, by: str, note: str | None = None) -> None:
+        """Retry a dead letter's compensation where it failed, with the same keys."""
+        await self._operate(
+            run_id,
+            RunStatus.COMPENSATING,
+            {"action": "retry", "by": by, "note": note},
+            claimable=True,
+        )
+        self.wake_workers()
+
+    async def resolve(self, run_id: str, *, by: str, note: str) -> None:
+        """Mark a dead letter as compensated by hand; the note says what was done."""
+        if not note:
+            raise ConfigurationError("resolve needs a note saying what was done by hand")
+        await self._operate(
+            run_id,
+            RunStatus.COMPENSATED,
+            {"action": "resolve", "by": by, "note": note},
+            claimable=False,
+        )
+
+    async def _operate(
+        self, run_id: str, status: RunStatus, data: dict[str, Any], *, claimable: bool
+    ) -> None:
+        await self.open()
+        changed = await self.store.operate(
+            run_id,
+            expected=[RunStatus.COMPENSATION_FAILED],
+            status=status,
+            event_type=EventType.OPERATOR_ACTION,
+            data=data,
+            now=self.clock.now(),
+            claimable=claimable,
+        )
+        if changed is None:
+            record = await self.store.get_run(run_id)
+            if record is None:
+                raise RunNotFoundError(run_id)
+            raise RunStateError(
+                f"run {run_id} is {record.status.value}, not a dead letter "
+                f"(compensation_failed); only dead letters can be retried or resolved"
+            )
+        self._run_settled(run_id)
+
+    async def query(self, run_id: str, name: str | None = None) -> Any:
+        """The values a run published with ``ctx.publish()`` (all, or the one named)."""
+        await self.open()
+        record = await self.store.get_run(run_id)
+        if record is None:
+            raise RunNotFoundError(run_id)
+        state = record.state or {}
+        if name is None:
+            return state
+        if name not in state:
+            known = ", ".join(sorted(state)) or "none yet"
+            raise LookupError(f"run {run_id} has published no value {name!r} (published: {known})")
+        return state[name]
 
 
 class RunHandle(Generic[R]):

@@ -12,7 +12,7 @@ import enum
 import inspect
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -35,7 +35,7 @@ from storno._model import (
 )
 
 if TYPE_CHECKING:
-    from storno._engine import SagaContext, SyncSagaContext
+    from storno._context import SagaContext, SyncSagaContext
 
 __all__ = [
     "NOT_APPLIED",
@@ -350,18 +350,38 @@ class Saga(Generic[P, R]):
         self.name = name
         self.timeout = timeout
         self.run_id = run_id
+        self.start_at: float | None = None
+        self.start_delay: float | None = None
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
     def options(
-        self, *, run_id: str | None = None, timeout: float | timedelta | None = None
+        self,
+        *,
+        run_id: str | None = None,
+        timeout: float | timedelta | None = None,
+        start_at: datetime | None = None,
+        start_delay: float | timedelta | None = None,
     ) -> Saga[P, R]:
-        """A copy to start with a caller-chosen run id or a deadline (``timeout`` from now).
+        """A copy to start with a caller-chosen run id, a deadline (``timeout`` from the
+        start), or a scheduled start (``start_at`` an aware datetime, or ``start_delay``).
 
         Starting the same run id again returns the existing run, never a second one.
         """
         clone = copy.copy(self)
+        if start_at is not None and start_delay is not None:
+            raise ConfigurationError("give start_at or start_delay, not both")
+        if start_at is not None:
+            if start_at.tzinfo is None:
+                raise ConfigurationError(
+                    f"start_at needs an aware datetime (with a time zone), got {start_at!r}"
+                )
+            clone.start_at = start_at.timestamp()
+            clone.start_delay = None
+        if start_delay is not None:
+            clone.start_delay = seconds(start_delay, "start_delay")
+            clone.start_at = None
         if run_id is not None:
             if not run_id or len(run_id) > 200:
                 raise ConfigurationError("run_id must be 1 to 200 characters")

@@ -11,11 +11,12 @@ outcome unknown, which the engine handles anyway (rule 3).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import json
 import inspect
 import logging
 import traceback
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 from storno import _faults
 from storno._clock import Clock
+from storno._context import SagaContext, SyncSagaContext
 from storno._definitions import (
     NOT_APPLIED,
     UNKNOWN,
@@ -47,7 +49,9 @@ from storno._history import StepState, fold
 from storno._model import (
     Event,
     EventType,
+    InboxMessage,
     Lease,
+    MessageKind,
     RetryPolicy,
     RunRecord,
     RunStatus,
@@ -56,9 +60,16 @@ from storno._model import (
     forward_key,
 )
 from storno._serde import decode, describe, encode
-from storno._store import RunUpdate, Store
+from storno._store import NewRun, RunUpdate, Store
+from storno._waits import (
+    Cancelled,
+    Suspend,
+    check_cancel,
+    check_order,
+    compensate_child,
+)
 
-__all__ = ["EngineHost", "RunExecution", "SagaContext", "SyncSagaContext", "error_info"]
+__all__ = ["EngineHost", "RunExecution", "error_info"]
 
 log = logging.getLogger("storno.engine")
 P = ParamSpec("P")
@@ -80,6 +91,15 @@ class EngineHost(Protocol):
 
     def find_step(self, name: str, ref: str | None) -> Step[..., Any]: ...
 
+    async def start_child(self, run: NewRun) -> None:
+        """Create a child run (idempotent by its id) and let a worker pick it up."""
+
+    def wake_workers(self) -> None:
+        """Tell this process's workers that a run may have become claimable."""
+
+    def note_wake(self, wake_at: float) -> None:
+        """Tell this process's workers that a run suspended here wakes at ``wake_at``."""
+
 
 def error_info(exc: BaseException) -> dict[str, Any]:
     """A JSON-ready description of an error for the history."""
@@ -95,73 +115,6 @@ def error_info(exc: BaseException) -> dict[str, Any]:
     name = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
     tb = "".join(traceback.format_exception(exc, limit=-4))
     return {"type": name, "message": str(exc)[:2000], "traceback": tb[-4000:]}
-
-
-class SagaContext:
-    """What an ``async`` saga body uses to call steps and take recorded values."""
-
-    def __init__(self, execution: RunExecution) -> None:
-        self._x = execution
-
-    @property
-    def run_id(self) -> str:
-        return self._x.record.run_id
-
-    async def step(self, step: Step[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run a step, or return its recorded outcome when replaying."""
-        result: R = await self._x.call_step(step, args, kwargs)
-        return result
-
-    def now(self) -> datetime:
-        """The current time (UTC), recorded so that a replay sees the same value."""
-        value: datetime = self._x.record_value("now", self._x.wall_time)
-        return value
-
-    def random(self) -> float:
-        """A random float in [0, 1), recorded."""
-        value: float = self._x.record_value("random", self._x.rng.random)
-        return value
-
-    def uuid4(self) -> uuid.UUID:
-        """A random UUID, recorded."""
-        value: uuid.UUID = self._x.record_value("uuid4", uuid.uuid4)
-        return value
-
-
-class SyncSagaContext:
-    """What a plain (``def``) saga body uses; it runs in a thread and blocks on each call."""
-
-    def __init__(self, execution: RunExecution, loop: asyncio.AbstractEventLoop) -> None:
-        self._x = execution
-        self._loop = loop
-
-    @property
-    def run_id(self) -> str:
-        return self._x.record.run_id
-
-    def _sync(self, fn: Callable[[], Any]) -> Any:
-        async def call() -> Any:
-            result = fn()
-            return await result if inspect.isawaitable(result) else result
-
-        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
-
-    def step(self, step: Step[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run a step, or return its recorded outcome when replaying."""
-        result: R = self._sync(lambda: self._x.call_step(step, args, kwargs))
-        return result
-
-    def now(self) -> datetime:
-        value: datetime = self._sync(lambda: self._x.record_value("now", self._x.wall_time))
-        return value
-
-    def random(self) -> float:
-        value: float = self._sync(lambda: self._x.record_value("random", self._x.rng.random))
-        return value
-
-    def uuid4(self) -> uuid.UUID:
-        value: uuid.UUID = self._sync(lambda: self._x.record_value("uuid4", uuid.uuid4))
-        return value
 
 
 class RunExecution:
@@ -185,15 +138,24 @@ class RunExecution:
         # The step objects the body called, with any call-site overrides: compensation uses
         # them first, and looks steps up by name only when the body did not run this time.
         self.steps_used: dict[int, Step[..., Any]] = {}
+        self.in_flight: dict[int, str] = {}  # positions of steps being called right now
+        self.commit_lock = asyncio.Lock()  # parallel branches commit one after another
+        self.inbox: list[InboxMessage] = []
+        self.inbox_seen = 0  # newest message loaded into self.inbox
+        self.inbox_latest = record.inbox_seq  # newest message the store told us of
+        self.cancel_checked = 0
+        self.consumed = set(self.recorded.consumed)
+        self.state: dict[str, Any] = dict(record.state or {})
+        self.state_dirty = False
         if len(history) > 1 or record.epoch > 1:
-            self._append(
+            self.append(
                 EventType.RUN_RESUMED,
                 data={"worker": lease.owner, "epoch": lease.epoch, "status": record.status.value},
             )
 
     # --- the journal -------------------------------------------------------------------
 
-    def _append(
+    def append(
         self,
         type: EventType,
         position: int | None = None,
@@ -205,35 +167,62 @@ class RunExecution:
         self.pending.append(event)
         self.events.append(event)
 
-    async def _commit(self, update: RunUpdate | None = None) -> None:
+    async def commit(self, update: RunUpdate | None = None) -> None:
         """Make the buffered events (and the update) durable, renewing the lease."""
-        failures = 0
-        while True:
-            try:
-                await self.host.store.write(
-                    self.lease,
-                    self.pending,
-                    update,
-                    now=self.host.clock.now(),
-                    lease_seconds=self.host.lease_seconds,
-                )
-            except LeaseLostError:
-                self.lease_lost = True
-                raise
-            except StoreError as exc:
-                failures += 1
-                if not _COMMIT_RETRY.allows_another(failures):
-                    raise
-                log.warning("run %s: write failed, retrying: %s", self.record.run_id, exc)
-                await asyncio.sleep(_COMMIT_RETRY.delay(failures))
-                continue
-            self.pending = []
-            return
+        async with self.commit_lock:
+            failures = 0
+            while True:
+                events, self.pending = self.pending, []
+                state = json.dumps(self.state) if self.state_dirty else None
+                self.state_dirty = False
+                try:
+                    latest = await self.host.store.write(
+                        self.lease,
+                        events,
+                        update,
+                        now=self.host.clock.now(),
+                        lease_seconds=self.host.lease_seconds,
+                        state=state,
+                    )
+                except StoreError as exc:
+                    self.pending[:0] = events
+                    self.state_dirty = self.state_dirty or state is not None
+                    if isinstance(exc, LeaseLostError):
+                        self.lease_lost = True
+                        raise
+                    failures += 1
+                    if not _COMMIT_RETRY.allows_another(failures):
+                        raise
+                    log.warning("run %s: write failed, retrying: %s", self.record.run_id, exc)
+                    await asyncio.sleep(_COMMIT_RETRY.delay(failures))
+                    continue
+                self.inbox_latest = max(self.inbox_latest, latest)
+                return
+
+    async def _end(self, update: RunUpdate) -> None:
+        """Record the run's end (or parking); a child tells its parent in the same write."""
+        parent = self.record.parent_run_id
+        if parent is not None:
+            past = fold(self.events).point_of_no_return()
+            message = InboxMessage(
+                MessageKind.CHILD,
+                self.record.run_id,
+                update.result,
+                meta={
+                    "status": update.status.value,
+                    "error": update.error,
+                    "past_pivot": past is not None,
+                },
+            )
+            update = dataclasses.replace(update, notify_run_id=parent, notify=message)
+        await self.commit(update)
+        if parent is not None:
+            self.host.wake_workers()
 
     def wall_time(self) -> datetime:
         return datetime.fromtimestamp(self.host.clock.now(), UTC)
 
-    def _encode(self, value: Any, what: str) -> str:
+    def encode_value(self, value: Any, what: str) -> str:
         return encode(value, what=what, limit=self.host.max_payload_bytes)
 
     # --- driving the run ---------------------------------------------------------------
@@ -245,6 +234,10 @@ class RunExecution:
                 await self._compensate(self.record.error or {"message": "compensation resumed"})
             else:
                 await self._forward()
+        except Cancelled as cancel:
+            await self._compensate(
+                {"type": "Cancelled", "message": str(cancel), "by": cancel.by},
+            )
         except LeaseLostError:
             log.warning("run %s: lease lost to another worker; stopping", self.record.run_id)
 
@@ -253,6 +246,7 @@ class RunExecution:
         payload: Any = decode(self.record.input, what=f"input of run {self.record.run_id}")
         args, kwargs = payload["args"], payload["kwargs"]
         try:
+            await check_cancel(self)
             if self.record.deadline is not None and self.host.clock.now() > self.record.deadline:
                 raise TimeoutError("the run's deadline passed before it started")
             if saga.is_async:
@@ -267,7 +261,11 @@ class RunExecution:
                     f"the history holds {what} at position {self.position}, which the saga "
                     f"code no longer reaches; the code changed under a running run"
                 )
-            result_text = self._encode(result, f"result of saga {saga.name!r}")
+            result_text = self.encode_value(result, f"result of saga {saga.name!r}")
+        except Suspend as suspend:
+            if not self.lease_lost:
+                await self._suspend(suspend.wake_at)
+            return
         except Exception as exc:
             if self.lease_lost:
                 return
@@ -282,8 +280,23 @@ class RunExecution:
             await self._park(error_info(self.park_error))
             return
         _faults.point("run.ending", run_id=self.record.run_id, status="completed")
-        self._append(EventType.RUN_COMPLETED, payload=result_text)
-        await self._commit(RunUpdate(RunStatus.COMPLETED, result=result_text, release=True))
+        self.append(EventType.RUN_COMPLETED, payload=result_text)
+        await self._end(RunUpdate(RunStatus.COMPLETED, result=result_text, release=True))
+
+    async def _suspend(self, wake_at: float | None) -> None:
+        """Release the run as waiting: no worker holds it until its wake time or a message."""
+        if self.park_error is not None:
+            await self._park(error_info(self.park_error))
+            return
+        deadline = self.record.deadline
+        if deadline is not None:
+            wake_at = deadline if wake_at is None else min(wake_at, deadline)
+        self.append(EventType.RUN_WAITING, data={"wake_at": wake_at})
+        await self.commit(
+            RunUpdate(RunStatus.WAITING, release=True, wake_at=wake_at, seen_inbox=self.inbox_seen)
+        )
+        if wake_at is not None:
+            self.host.note_wake(wake_at)
 
     async def _end_forward(self, exc: BaseException) -> None:
         error = error_info(exc)
@@ -299,12 +312,12 @@ class RunExecution:
             await self._compensate(error)
 
     async def _park(self, error: dict[str, Any]) -> None:
-        self._append(EventType.RUN_NEEDS_ATTENTION, data={"error": error})
-        await self._commit(RunUpdate(RunStatus.NEEDS_ATTENTION, error=error, release=True))
+        self.append(EventType.RUN_NEEDS_ATTENTION, data={"error": error})
+        await self._end(RunUpdate(RunStatus.NEEDS_ATTENTION, error=error, release=True))
 
     # --- forward steps -----------------------------------------------------------------
 
-    def _take_position(self, what: str) -> int:
+    def take_position(self, what: str) -> int:
         if self.park_error is not None:
             raise self.park_error
         if self.lease_lost:
@@ -313,7 +326,7 @@ class RunExecution:
         self.position += 1
         return position
 
-    def _mismatch(self, position: int, wanted: str) -> DeterminismError:
+    def mismatch(self, position: int, wanted: str) -> DeterminismError:
         self.park_error = DeterminismError(
             f"at position {position} the saga code asks for {wanted} but the history recorded "
             f"{self.recorded.kind_at(position)}; the code no longer matches this run's history"
@@ -321,42 +334,36 @@ class RunExecution:
         return self.park_error
 
     def record_value(self, name: str, make: Callable[[], Any]) -> Any:
-        position = self._take_position(f"ctx.{name}()")
+        position = self.take_position(f"ctx.{name}()")
         recorded = self.recorded.values.get(position)
         if recorded is not None and recorded[0] == name:
             return decode(recorded[1] or "null", what=f"recorded ctx.{name}()")
         if recorded is not None or position in self.recorded.steps:
-            raise self._mismatch(position, f"ctx.{name}()")
+            raise self.mismatch(position, f"ctx.{name}()")
         value = make()
-        text = self._encode(value, f"ctx.{name}()")
-        self._append(EventType.VALUE_RECORDED, position, {"name": name}, text)
+        text = self.encode_value(value, f"ctx.{name}()")
+        self.append(EventType.VALUE_RECORDED, position, {"name": name}, text)
         return value
 
     async def call_step(self, step: Step[..., Any], args: Any, kwargs: Any) -> Any:
-        position = self._take_position(f"step {step.name!r}")
+        position = self.take_position(f"step {step.name!r}")
+        await check_cancel(self)
         self.steps_used[position] = step
         step.check_runnable()
-        if step.kind is StepKind.COMPENSABLE and self.forward_only_since is not None:
-            raise PlanError(
-                f"step {step.name!r} (#{position}) is compensable but comes after "
-                f"{self.forward_only_since!r}, which cannot be compensated; compensable steps "
-                f"must all come before the pivot"
-            )
-        if step.kind is not StepKind.COMPENSABLE and self.forward_only_since is None:
-            self.forward_only_since = step.name
+        check_order(self, step.kind, step.name, position)
         try:
             step.check_arguments(args, kwargs)
         except TypeError as exc:
             raise TypeError(f"step {step.name!r} called with bad arguments: {exc}") from None
-        args_text = self._encode(
+        args_text = self.encode_value(
             {"args": list(args), "kwargs": dict(kwargs)}, f"arguments of step {step.name!r}"
         )
         state = self.recorded.steps.get(position)
-        if state is None and position in self.recorded.values:
-            raise self._mismatch(position, f"step {step.name!r}")
+        if state is None and (position in self.recorded.values or position in self.recorded.waits):
+            raise self.mismatch(position, f"step {step.name!r}")
         if state is not None:
-            if state.name != step.name:
-                raise self._mismatch(position, f"step {step.name!r}")
+            if state.name != step.name or state.child_run_id is not None:
+                raise self.mismatch(position, f"step {step.name!r}")
             if state.args != args_text:
                 self.park_error = ArgumentMismatchError(
                     step.name, state.key, describe(state.args or "null"), describe(args_text)
@@ -374,7 +381,11 @@ class RunExecution:
                     cause.get("message", ""),
                     state.outcome_unknown,
                 )
-        return await self._attempts(step, position, args, kwargs, args_text, state)
+        self.in_flight[position] = step.name
+        try:
+            return await self._attempts(step, position, args, kwargs, args_text, state)
+        finally:
+            del self.in_flight[position]
 
     async def _attempts(
         self,
@@ -394,7 +405,7 @@ class RunExecution:
         last_error: dict[str, Any] = (state.error if state else None) or {}
         unknown = bool(state and (state.last_attempt_open or state.outcome_unknown))
         if state is not None and state.last_attempt_open:
-            self._append(
+            self.append(
                 EventType.OUTCOME_UNKNOWN,
                 position,
                 {"attempt": attempts, "reason": "no outcome was recorded for this attempt"},
@@ -423,7 +434,7 @@ class RunExecution:
             if delay:
                 await clock.sleep(delay)
             attempts += 1
-            self._append(
+            self.append(
                 EventType.STEP_STARTED,
                 position,
                 {
@@ -435,7 +446,7 @@ class RunExecution:
                 },
                 args_text,
             )
-            await self._commit()
+            await self.commit()
             first_start = first_start or clock.now()
             context = StepContext(run_id, step.name, position, key, attempts, step.kind)
             try:
@@ -450,7 +461,7 @@ class RunExecution:
                 last_error["retryable"] = not isinstance(exc, TerminalError) and (
                     policy.is_retryable(exc)
                 )
-                self._append(
+                self.append(
                     EventType.ATTEMPT_FAILED,
                     position,
                     {"attempt": attempts, "error": last_error, "outcome_unknown": unknown},
@@ -464,12 +475,12 @@ class RunExecution:
                 continue
             _faults.point("step.returned", run_id=run_id, step=step.name, attempt=attempts)
             try:
-                result_text = self._encode(result, f"result of step {step.name!r}")
+                result_text = self.encode_value(result, f"result of step {step.name!r}")
             except SerializationError as exc:
                 raise self._fail_step(
                     step, position, "its result cannot be recorded", error_info(exc), True
                 ) from exc
-            self._append(EventType.STEP_COMPLETED, position, {"attempt": attempts}, result_text)
+            self.append(EventType.STEP_COMPLETED, position, {"attempt": attempts}, result_text)
             return decode(result_text)
 
     def _time_left(self, step: Step[..., Any], first_start: float) -> float | None:
@@ -498,7 +509,7 @@ class RunExecution:
             error.get("message", ""),
             unknown,
         )
-        self._append(
+        self.append(
             EventType.STEP_FAILED,
             position,
             {"reason": reason, "error": error_info(failure), "outcome_unknown": unknown},
@@ -526,17 +537,17 @@ class RunExecution:
         try:
             found = await self._call(step.verify_fn, context, args, kwargs, step.attempt_timeout)
         except Exception as exc:
-            self._append(
+            self.append(
                 EventType.OUTCOME_UNKNOWN,
                 position,
                 {"attempt": attempt, "reason": "read-back failed", "error": error_info(exc)},
             )
             return UNKNOWN
         if isinstance(found, NotApplied):
-            self._append(EventType.VERIFIED, position, {"attempt": attempt, "applied": False})
+            self.append(EventType.VERIFIED, position, {"attempt": attempt, "applied": False})
             return NOT_APPLIED
-        text = self._encode(found, f"read-back result of step {step.name!r}")
-        self._append(EventType.VERIFIED, position, {"attempt": attempt, "applied": True}, text)
+        text = self.encode_value(found, f"read-back result of step {step.name!r}")
+        self.append(EventType.VERIFIED, position, {"attempt": attempt, "applied": True}, text)
         return decode(text)
 
     async def _call(
@@ -562,21 +573,52 @@ class RunExecution:
 
     async def _compensate(self, error: dict[str, Any]) -> None:
         if self.record.status is not RunStatus.COMPENSATING:
-            self._append(EventType.COMPENSATION_STARTED, data={"error": error})
-            await self._commit(RunUpdate(RunStatus.COMPENSATING, error=error))
+            self.append(EventType.COMPENSATION_STARTED, data={"error": error})
+            await self.commit(RunUpdate(RunStatus.COMPENSATING, error=error))
         for state in fold(self.events).to_compensate():
             if state.compensation and state.compensation.status in ("completed", "skipped"):
                 continue
-            failure = await self._compensate_step(state, error)
+            if state.child_run_id is not None:
+                failure = await self._compensate_child_position(state, error)
+            else:
+                failure = await self._compensate_step(state, error)
             if failure is not None:
-                self._append(EventType.RUN_COMPENSATION_FAILED, data={"error": failure})
-                await self._commit(
+                self.append(EventType.RUN_COMPENSATION_FAILED, data={"error": failure})
+                await self._end(
                     RunUpdate(RunStatus.COMPENSATION_FAILED, error=failure, release=True)
                 )
                 return
-        _faults.point("run.ending", run_id=self.record.run_id, status="compensated")
-        self._append(EventType.RUN_COMPENSATED)
-        await self._commit(RunUpdate(RunStatus.COMPENSATED, release=True))
+        cancel = fold(self.events).cancel
+        status = RunStatus.COMPENSATED if cancel is None else RunStatus.CANCELLED
+        _faults.point("run.ending", run_id=self.record.run_id, status=status.value)
+        end = EventType.RUN_COMPENSATED if cancel is None else EventType.RUN_CANCELLED
+        self.append(end, data=cancel or {})
+        await self._end(RunUpdate(status, release=True))
+
+    async def _compensate_child_position(
+        self, state: StepState, error: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Undo a child run: cancel it if it has not ended, compensate it if it completed."""
+        child_id = state.child_run_id
+        assert child_id is not None
+        attempt = (state.compensation.attempts if state.compensation else 0) + 1
+        data = {"step": state.name, "key": child_id, "attempt": attempt}
+        self.append(EventType.COMPENSATION_STEP_STARTED, state.position, data)
+        await self.commit()
+        if state.status != "completed":
+            message = InboxMessage(
+                MessageKind.CANCEL,
+                "cancel",
+                message_id=f"parent-cancel-{self.record.run_id}",
+                meta={"by": f"parent {self.record.run_id}", "reason": error.get("message")},
+            )
+            await self.host.store.deliver(child_id, message, now=self.host.clock.now())
+            self.host.wake_workers()
+        failure = await compensate_child(self, state)
+        if failure is not None:
+            return self._give_up_compensation(state, child_id, failure, attempt)
+        self.append(EventType.COMPENSATION_STEP_COMPLETED, state.position, {"key": child_id})
+        return None
 
     async def _compensate_step(
         self, state: StepState, error: dict[str, Any]
@@ -597,7 +639,7 @@ class RunExecution:
         else:
             found = await self._read_back(step, position, state.key, state.attempts, args, kwargs)
             if found is NOT_APPLIED:
-                self._append(
+                self.append(
                     EventType.COMPENSATION_STEP_SKIPPED,
                     position,
                     {"key": key, "reason": "read-back found no trace of the step"},
@@ -615,12 +657,12 @@ class RunExecution:
                     return self._give_up_compensation(state, key, last, attempts)
                 await self.host.clock.sleep(policy.delay(attempts, self.rng))
             attempts += 1
-            self._append(
+            self.append(
                 EventType.COMPENSATION_STEP_STARTED,
                 position,
                 {"step": state.name, "key": key, "attempt": attempts},
             )
-            await self._commit()
+            await self.commit()
             context: CompensationContext[Any] = CompensationContext(
                 run_id, state.name, position, key, state.key, attempts, result, error
             )
@@ -632,14 +674,14 @@ class RunExecution:
             except Exception as exc:
                 last = error_info(exc)
                 last["terminal"] = isinstance(exc, TerminalError)
-                self._append(
+                self.append(
                     EventType.COMPENSATION_ATTEMPT_FAILED,
                     position,
                     {"key": key, "attempt": attempts, "error": last},
                 )
                 continue
             _faults.point("compensation.returned", run_id=run_id, step=state.name)
-            self._append(EventType.COMPENSATION_STEP_COMPLETED, position, {"key": key})
+            self.append(EventType.COMPENSATION_STEP_COMPLETED, position, {"key": key})
             return None
 
     def _give_up_compensation(
@@ -655,7 +697,7 @@ class RunExecution:
             "step": state.name,
             "cause": error,
         }
-        self._append(
+        self.append(
             EventType.COMPENSATION_STEP_FAILED,
             state.position,
             {"key": key, "error": error},

@@ -11,15 +11,21 @@ Each message says what happened and what to do about it. The tree::
     ├── DeterminismError            saga code no longer matches its recorded history
     │   └── ArgumentMismatchError   a step replayed/retried with arguments other than recorded
     ├── RunConflictError            a run id was started again with another saga or input
+    ├── RunStateError               the run's state refuses the request (signal to an ended
+    │                               run, cancel after the pivot, retry of a non-dead-letter)
     ├── RunNotFoundError            no run has that id
     ├── StoreError                  the database failed or holds a schema storno cannot read
     │   └── LeaseLostError          another worker took the run over; this worker must stop
     ├── TerminalError               raised by step code: do not retry, end the forward path
     ├── OutcomeUnknownError         raised by step code: the call may or may not have landed
     ├── StepFailedError             a step's forward path ended (raised into the saga body)
+    │   └── ChildFailedError        a child run ended without a result
+    ├── SignalTimeoutError          a durable signal wait timed out (raised into the body)
+    ├── ApprovalRejectedError       a person rejected the run (raised into the body)
     ├── WaitTimeoutError            waiting for a run's result took longer than asked
     └── RunFailedError              a run ended without a result
         ├── RunCompensatedError     ... and its completed steps were compensated
+        ├── RunCancelledError       ... because it was cancelled (and compensated)
         ├── CompensationFailedError ... and a compensation kept failing (dead letter)
         └── NeedsAttentionError     ... and it is parked for a person (non-determinism, alarm)
 """
@@ -29,7 +35,9 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ApprovalRejectedError",
     "ArgumentMismatchError",
+    "ChildFailedError",
     "CompensationFailedError",
     "ConfigurationError",
     "DeterminismError",
@@ -38,11 +46,14 @@ __all__ = [
     "OutcomeUnknownError",
     "PayloadTooLargeError",
     "PlanError",
+    "RunCancelledError",
     "RunCompensatedError",
     "RunConflictError",
     "RunFailedError",
     "RunNotFoundError",
+    "RunStateError",
     "SerializationError",
+    "SignalTimeoutError",
     "StepFailedError",
     "StoreError",
     "StornoError",
@@ -106,6 +117,11 @@ class RunConflictError(StornoError):
     """A run id that already exists was started with a different saga or input."""
 
 
+class RunStateError(StornoError):
+    """The run's state refuses the request: a signal to a run that has ended, a cancel after
+    its point of no return, a retry of a run that is not a dead letter."""
+
+
 class RunNotFoundError(StornoError, LookupError):
     """No run has the given id."""
 
@@ -163,6 +179,34 @@ class StepFailedError(StornoError):
         self.outcome_unknown = outcome_unknown
 
 
+class ChildFailedError(StepFailedError):
+    """A child run ended without a result; raised into the parent's body at its call."""
+
+    def __init__(self, saga: str, position: int, child_run_id: str, status: str, message: str):
+        super().__init__(
+            saga, position, f"child run {child_run_id} ended {status}", status, message
+        )
+        self.child_run_id = child_run_id
+        self.status = status
+
+
+class SignalTimeoutError(StornoError, TimeoutError):
+    """A durable wait for a signal timed out and the saga gave no default.
+
+    Raised into the saga body; if the body lets it escape, the run compensates.
+    """
+
+
+class ApprovalRejectedError(StornoError):
+    """A person rejected the run at ``ctx.wait_for_approval()``; ``by`` and ``reason`` say
+    who and why. If the body lets it escape, the run compensates."""
+
+    def __init__(self, by: str | None, reason: str | None) -> None:
+        super().__init__(f"rejected by {by or 'someone'}: {reason or 'no reason given'}")
+        self.by = by
+        self.reason = reason
+
+
 class WaitTimeoutError(StornoError, TimeoutError):
     """Waiting for a run's result took longer than the caller allowed; the run goes on."""
 
@@ -180,6 +224,10 @@ class RunFailedError(StornoError):
 
 class RunCompensatedError(RunFailedError):
     """The run's forward path ended and its completed steps were compensated."""
+
+
+class RunCancelledError(RunFailedError):
+    """The run was cancelled by an operator; its completed steps were compensated."""
 
 
 class CompensationFailedError(RunFailedError):

@@ -11,7 +11,7 @@ from typing import Any
 
 from storno._model import Event, EventType, StepKind
 
-__all__ = ["CompensationState", "Fold", "StepState", "fold"]
+__all__ = ["CompensationState", "Fold", "StepState", "WaitState", "fold"]
 
 
 @dataclass(slots=True)
@@ -47,6 +47,7 @@ class StepState:
     ended_seq: int | None = None
     verified: list[bool] = field(default_factory=list)
     compensation: CompensationState | None = None
+    child_run_id: str | None = None  # the position started a child run, not a step call
 
     @property
     def may_have_applied(self) -> bool:
@@ -58,22 +59,45 @@ class StepState:
 
 
 @dataclass(slots=True)
+class WaitState:
+    """A durable wait at one position: a timer (``sleep``) or a signal wait."""
+
+    position: int
+    kind: str  # sleep | signal
+    name: str  # the signal's name; "" for a timer
+    until: float | None  # when the timer fires or the signal wait times out
+    status: str = "waiting"  # waiting | done | timed_out
+    payload: str | None = None  # the received signal's payload
+    meta: dict[str, Any] = field(default_factory=dict)
+    started_at: float = 0.0
+    ended_at: float | None = None
+
+
+@dataclass(slots=True)
 class Fold:
     """Steps and recorded values by position."""
 
     steps: dict[int, StepState] = field(default_factory=dict)
     values: dict[int, tuple[str, str | None]] = field(default_factory=dict)
+    waits: dict[int, WaitState] = field(default_factory=dict)
+    consumed: set[int] = field(default_factory=set)  # inbox messages taken, by number
+    cancel: dict[str, Any] | None = None  # who asked to cancel and why, if anyone did
 
     def kind_at(self, position: int) -> str | None:
         if position in self.steps:
-            return f"step {self.steps[position].name!r}"
+            state = self.steps[position]
+            what = "child saga" if state.child_run_id else "step"
+            return f"{what} {state.name!r}"
         if position in self.values:
             return f"ctx.{self.values[position][0]}()"
+        if position in self.waits:
+            wait = self.waits[position]
+            return "ctx.sleep()" if wait.kind == "sleep" else f"a wait for signal {wait.name!r}"
         return None
 
     @property
     def last_position(self) -> int:
-        return max([-1, *self.steps, *self.values])
+        return max([-1, *self.steps, *self.values, *self.waits])
 
     def to_compensate(self) -> list[StepState]:
         """Compensable steps that may have applied, latest-ended first."""
@@ -97,11 +121,32 @@ def fold(events: list[Event]) -> Fold:
     for event in events:
         p = event.position
         t = event.type
+        d = event.data
+        if "inbox_seq" in d:
+            out.consumed.add(d["inbox_seq"])
+        if t is EventType.CANCEL_REQUESTED:
+            out.cancel = {"by": d.get("by"), "reason": d.get("reason")}
         if p is None:
             continue
-        d = event.data
         if t is EventType.VALUE_RECORDED:
             out.values[p] = (d["name"], event.payload)
+            continue
+        if t in _WAIT_EVENTS:
+            _fold_wait(out, event)
+            continue
+        if t is EventType.CHILD_STARTED:
+            out.steps[p] = StepState(
+                position=p,
+                name=d["saga"],
+                kind=StepKind(d["kind"]),
+                key=d["child"],
+                ref=None,
+                args=event.payload,
+                attempts=1,
+                last_attempt_open=True,
+                started_at=event.at,
+                child_run_id=d["child"],
+            )
             continue
         if t is EventType.STEP_STARTED:
             state = out.steps.get(p)
@@ -121,7 +166,16 @@ def fold(events: list[Event]) -> Fold:
         state = out.steps.get(p)
         if state is None:
             continue
-        if t is EventType.STEP_COMPLETED:
+        if t is EventType.CHILD_ENDED:
+            state.last_attempt_open = False
+            state.ended_at, state.ended_seq = event.at, event.seq
+            if d["status"] == "completed":
+                state.status, state.result = "completed", event.payload
+            else:
+                state.status, state.error = "failed", d.get("error")
+            if d.get("past_pivot"):
+                state.kind = StepKind.NONCOMPENSABLE
+        elif t is EventType.STEP_COMPLETED:
             state.status, state.result = "completed", event.payload
             state.last_attempt_open = state.outcome_unknown = False
             state.ended_at, state.ended_seq = event.at, event.seq
@@ -147,6 +201,36 @@ def fold(events: list[Event]) -> Fold:
         else:
             _fold_compensation(state, event)
     return out
+
+
+_WAIT_EVENTS = frozenset(
+    {
+        EventType.TIMER_STARTED,
+        EventType.TIMER_FIRED,
+        EventType.SIGNAL_WAIT_STARTED,
+        EventType.SIGNAL_RECEIVED,
+        EventType.SIGNAL_TIMED_OUT,
+    }
+)
+
+
+def _fold_wait(out: Fold, event: Event) -> None:
+    t, d, p = event.type, event.data, event.position
+    assert p is not None
+    if t is EventType.TIMER_STARTED:
+        out.waits[p] = WaitState(p, "sleep", "", d["until"], started_at=event.at)
+        return
+    if t is EventType.SIGNAL_WAIT_STARTED:
+        out.waits[p] = WaitState(p, "signal", d["name"], d.get("until"), started_at=event.at)
+        return
+    wait = out.waits.get(p)
+    if wait is None:
+        return
+    wait.ended_at = event.at
+    if t is EventType.SIGNAL_TIMED_OUT:
+        wait.status = "timed_out"
+    else:
+        wait.status, wait.payload, wait.meta = "done", event.payload, d
 
 
 def _fold_compensation(state: StepState, event: Event) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storno._definitions import Saga, Step
-from storno._engine import SagaContext
+from storno._context import SagaContext
 from storno._errors import ConfigurationError, PlanError
 from storno._model import StepKind
 

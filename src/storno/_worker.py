@@ -62,6 +62,7 @@ class Worker:
         # a claim finds no more of them, claims include them (minus the ones running here) and
         # local starts are not adopted, so no run leased to this id is ever claimed twice.
         self._inheriting = False
+        self._next_wake: float | None = None  # earliest wake time of a run suspended here
         self._loops: list[asyncio.Task[None]] = []
 
     @property
@@ -129,6 +130,12 @@ class Worker:
     def wake(self) -> None:
         """Claim now instead of at the next poll (a run was started or became due)."""
         self._wake.set()
+
+    def wake_at(self, when: float) -> None:
+        """Claim at ``when`` (clock time) if no poll comes first: a run suspended here is due."""
+        if self._next_wake is None or when < self._next_wake:
+            self._next_wake = when
+            self._wake.set()  # the loop recomputes how long it may sleep
 
     def try_reserve(self) -> bool:
         """Book a slot for a run about to be created already leased to this worker."""
@@ -210,8 +217,15 @@ class Worker:
                 continue
             if claimed and claimed == free:
                 continue
+            pause = self.poll_interval
+            if self._next_wake is not None:
+                until_due = self._next_wake - self.app.clock.now()
+                if until_due <= 0:
+                    self._next_wake = None
+                    continue
+                pause = min(pause, until_due)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                await asyncio.wait_for(self._wake.wait(), pause)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.app.lease_seconds / 3

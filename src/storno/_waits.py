@@ -1,0 +1,344 @@
+"""Durable waits, the inbox, cancellation, fan-out and child runs: the engine's long-running half.
+
+A run that must wait (a timer, a signal that has not come, a child that has not ended) raises
+:class:`Suspend` through its body. The engine then records that the run is ``waiting``, with
+the time it must wake at if any, and releases its lease: a waiting run holds no worker, task
+or memory anywhere. Messages from outside (signals, cancel requests, a child's outcome) go into
+the run's inbox, which wakes it; on wake-up the body replays from the top and consumes them at
+the positions where it asks for them, and the history records which message each took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from storno._definitions import Saga
+from storno._errors import (
+    ChildFailedError,
+    PlanError,
+    SignalTimeoutError,
+)
+from storno._history import StepState, WaitState, fold
+from storno._model import (
+    Event,
+    EventType,
+    InboxMessage,
+    MessageKind,
+    RunStatus,
+    StepKind,
+)
+from storno._serde import decode
+from storno._store import NewRun
+
+if TYPE_CHECKING:
+    from storno._engine import RunExecution
+
+__all__ = [
+    "Cancelled",
+    "Suspend",
+    "call_child",
+    "check_cancel",
+    "check_order",
+    "child_run_id",
+    "compensate_child",
+    "gather",
+    "publish",
+    "sleep_until",
+    "wait_signal",
+]
+
+T = TypeVar("T")
+
+
+class Suspend(BaseException):
+    """Raised through a saga body that must wait; a BaseException so user code cannot
+    swallow it with ``except Exception``."""
+
+    def __init__(self, wake_at: float | None) -> None:
+        super().__init__(wake_at)
+        self.wake_at = wake_at
+
+
+class Cancelled(BaseException):
+    """Raised through a saga body when an operator cancelled the run before its pivot."""
+
+    def __init__(self, by: str | None, reason: str | None) -> None:
+        super().__init__(f"cancelled by {by or 'someone'}: {reason or 'no reason given'}")
+        self.by = by
+        self.reason = reason
+
+
+def child_run_id(parent: str, position: int) -> str:
+    """A child's run id: derived from the parent's structure, so a replay finds it again."""
+    return f"{parent}/{position}"
+
+
+async def refresh_inbox(x: RunExecution) -> None:
+    """Load inbox messages the run has not seen yet."""
+    if x.inbox_latest <= x.inbox_seen:
+        return
+    for message in await x.host.store.inbox(x.record.run_id, after=x.inbox_seen):
+        x.inbox.append(message)
+        x.inbox_seen = max(x.inbox_seen, message.seq)
+    x.inbox_latest = max(x.inbox_latest, x.inbox_seen)
+
+
+def _take_message(x: RunExecution, kind: MessageKind, name: str) -> InboxMessage | None:
+    for message in x.inbox:
+        if message.kind is kind and message.name == name and message.seq not in x.consumed:
+            x.consumed.add(message.seq)
+            return message
+    return None
+
+
+async def check_cancel(x: RunExecution) -> None:
+    """Honour a cancel request that arrived: compensate before the pivot, else refuse."""
+    if x.cancel_checked >= x.inbox_latest:
+        return
+    await refresh_inbox(x)
+    x.cancel_checked = x.inbox_seen
+    for message in x.inbox:
+        if message.kind is not MessageKind.CANCEL or message.seq in x.consumed:
+            continue
+        x.consumed.add(message.seq)
+        by, reason = message.meta.get("by"), message.meta.get("reason")
+        data = {"inbox_seq": message.seq, "by": by, "reason": reason}
+        past = fold(x.events).point_of_no_return()
+        if past is not None:
+            data["step"] = past.name
+            x.append(EventType.CANCEL_REFUSED, data=data)
+            continue
+        x.append(EventType.CANCEL_REQUESTED, data=data)
+        raise Cancelled(by, reason)
+
+
+def _wait_at(x: RunExecution, kind: str, name: str, what: str) -> tuple[int, WaitState, bool]:
+    """Take the next position for a wait; return it, its state, and whether it is new."""
+    position = x.take_position(what)
+    wait = x.recorded.waits.get(position)
+    if wait is None and (position in x.recorded.steps or position in x.recorded.values):
+        raise x.mismatch(position, what)
+    if wait is not None and (wait.kind != kind or wait.name != name):
+        raise x.mismatch(position, what)
+    if wait is None:
+        return position, WaitState(position, kind, name, None), True
+    return position, wait, False
+
+
+async def sleep_until(x: RunExecution, wake_at: float) -> None:
+    position, wait, new = _wait_at(x, "sleep", "", "ctx.sleep()")
+    await check_cancel(x)
+    if wait.status == "done":
+        return
+    if new:
+        wait.until = wake_at
+        x.append(EventType.TIMER_STARTED, position, {"until": wake_at})
+    assert wait.until is not None
+    if x.host.clock.now() >= wait.until:
+        x.append(EventType.TIMER_FIRED, position)
+        return
+    raise Suspend(wait.until)
+
+
+async def wait_signal(
+    x: RunExecution, name: str, timeout: float | None, has_default: bool, default: Any
+) -> Any:
+    position, wait, new = _wait_at(x, "signal", name, f"a wait for signal {name!r}")
+    await check_cancel(x)
+    if wait.status == "done":
+        return decode(wait.payload or "null", what=f"signal {name!r}")
+    if wait.status == "timed_out":
+        return _timed_out(name, has_default, default)
+    now = x.host.clock.now()
+    if new:
+        wait.until = None if timeout is None else now + timeout
+        data = {"name": name, "until": wait.until}
+        x.append(EventType.SIGNAL_WAIT_STARTED, position, data)
+    await refresh_inbox(x)
+    message = _take_message(x, MessageKind.SIGNAL, name)
+    if message is not None:
+        data = {**message.meta, "name": name, "inbox_seq": message.seq}
+        data["id"] = message.message_id
+        x.append(EventType.SIGNAL_RECEIVED, position, data, message.payload)
+        return decode(message.payload or "null", what=f"signal {name!r}")
+    if wait.until is not None and now >= wait.until:
+        x.append(EventType.SIGNAL_TIMED_OUT, position, {"name": name})
+        return _timed_out(name, has_default, default)
+    raise Suspend(wait.until)
+
+
+def _timed_out(name: str, has_default: bool, default: Any) -> Any:
+    if has_default:
+        return default
+    raise SignalTimeoutError(
+        f"no signal {name!r} came before the wait's timeout; pass default= to "
+        f"wait_for_signal() to go on without one"
+    )
+
+
+def publish(x: RunExecution, name: str, value: Any) -> None:
+    text = x.encode_value(value, f"published value {name!r}")
+    x.state[name] = decode(text)
+    x.state_dirty = True
+
+
+async def gather(x: RunExecution, calls: Iterable[Awaitable[T]]) -> list[T]:
+    # Tasks start in creation order, and each takes its position before its first await.
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    if not tasks:
+        return []
+    await asyncio.wait(tasks)
+    suspend: Suspend | None = None
+    for task in tasks:
+        error = task.exception()
+        if isinstance(error, Suspend):
+            suspend = suspend or error
+        elif error is not None:
+            raise error
+    if suspend is not None:
+        # Every branch that could go on has gone on; the run waits for the others.
+        raise suspend
+    return [task.result() for task in tasks]
+
+
+async def call_child(x: RunExecution, saga: Saga[..., Any], args: Any, kwargs: Any) -> Any:
+    run_id = x.record.run_id
+    position = x.take_position(f"child saga {saga.name!r}")
+    await check_cancel(x)
+    child_id = child_run_id(run_id, position)
+    state = x.recorded.steps.get(position)
+    if state is None and (position in x.recorded.values or position in x.recorded.waits):
+        raise x.mismatch(position, f"child saga {saga.name!r}")
+    if state is not None and (state.child_run_id is None or state.name != saga.name):
+        raise x.mismatch(position, f"child saga {saga.name!r}")
+    check_order(x, StepKind.COMPENSABLE, saga.name, position)
+    input_text = x.encode_value(
+        {"args": list(args), "kwargs": dict(kwargs)}, f"input of child saga {saga.name!r}"
+    )
+    if state is None:
+        state = StepState(
+            position,
+            saga.name,
+            StepKind.COMPENSABLE,
+            child_id,
+            None,
+            input_text,
+            child_run_id=child_id,
+            last_attempt_open=True,
+        )
+        data: dict[str, Any] = {
+            "saga": saga.name,
+            "child": child_id,
+            "kind": StepKind.COMPENSABLE.value,
+        }
+        x.append(EventType.CHILD_STARTED, position, data, input_text)
+        await x.commit()
+        now = x.host.clock.now()
+        event_data = {"saga": saga.name, "parent": run_id}
+        first = Event(0, EventType.RUN_CREATED, now, None, event_data, input_text)
+        await x.host.start_child(
+            NewRun(child_id, saga.name, input_text, now, None, first, parent_run_id=run_id)
+        )
+    if state.status == "completed":
+        return decode(state.result or "null", what=f"result of child {child_id}")
+    if state.status == "failed":
+        raise _child_failed(saga.name, position, child_id, state.error or {})
+    await refresh_inbox(x)
+    message = _take_message(x, MessageKind.CHILD, child_id)
+    if message is None:
+        raise Suspend(None)
+    status: str = message.meta.get("status", "")
+    error: dict[str, Any] = message.meta.get("error") or {}
+    past_pivot = bool(message.meta.get("past_pivot"))
+    data = {"inbox_seq": message.seq, "status": status, "child": child_id}
+    x.append(
+        EventType.CHILD_ENDED,
+        position,
+        {**data, "error": error, "past_pivot": past_pivot},
+        message.payload,
+    )
+    state.last_attempt_open = False
+    if past_pivot:
+        state.kind = StepKind.NONCOMPENSABLE
+        x.forward_only_since = x.forward_only_since or saga.name
+    if status == RunStatus.COMPLETED.value:
+        state.status, state.result = "completed", message.payload
+        return decode(message.payload or "null", what=f"result of child {child_id}")
+    state.status = "failed"
+    raise _child_failed(saga.name, position, child_id, error, status)
+
+
+def _child_failed(
+    saga: str, position: int, child_id: str, error: dict[str, Any], status: str = "failed"
+) -> ChildFailedError:
+    return ChildFailedError(saga, position, child_id, status, error.get("message", ""))
+
+
+def check_order(x: RunExecution, kind: StepKind, name: str, position: int) -> None:
+    """Refuse a compensable step after the point of no return, and a point of no return
+    that would run alongside other steps (it could not be undone if they failed)."""
+    if kind is StepKind.COMPENSABLE and x.forward_only_since is not None:
+        raise PlanError(
+            f"step {name!r} (#{position}) is compensable but comes after "
+            f"{x.forward_only_since!r}, which cannot be compensated; compensable steps "
+            f"must all come before the pivot"
+        )
+    if kind is not StepKind.COMPENSABLE:
+        if x.in_flight:
+            others = ", ".join(repr(n) for n in x.in_flight.values())
+            raise PlanError(
+                f"step {name!r} (#{position}) is a point of no return but would run "
+                f"alongside {others}; await the other steps before the pivot"
+            )
+        if x.forward_only_since is None:
+            x.forward_only_since = name
+
+
+async def compensate_child(x: RunExecution, state: StepState) -> dict[str, Any] | None:
+    """Ask a completed child run to compensate and wait until it has; an error if not."""
+    child_id = state.child_run_id
+    assert child_id is not None
+    store, clock = x.host.store, x.host.clock
+    error = {
+        "type": "ParentCompensating",
+        "message": f"parent run {x.record.run_id} is compensating",
+    }
+    await store.operate(
+        child_id,
+        expected=[RunStatus.COMPLETED],
+        status=RunStatus.COMPENSATING,
+        event_type=EventType.COMPENSATION_STARTED,
+        data={"error": error, "by": "parent"},
+        now=clock.now(),
+        claimable=True,
+    )
+    x.host.wake_workers()
+    delay = 0.01
+    while True:
+        record = await store.get_run(child_id)
+        if record is None or record.status in (RunStatus.COMPENSATED, RunStatus.CANCELLED):
+            return None
+        if record.status in (RunStatus.COMPENSATION_FAILED, RunStatus.NEEDS_ATTENTION):
+            message = (record.error or {}).get("message", record.status.value)
+            return {
+                "type": "ChildCompensationFailed",
+                "message": f"child run {child_id} ended {record.status.value}: {message}",
+            }
+        if record.status is RunStatus.COMPLETED:
+            # It completed after it was asked to cancel (or the request above came too
+            # early): ask it to compensate now.
+            changed = await store.operate(
+                child_id,
+                expected=[RunStatus.COMPLETED],
+                status=RunStatus.COMPENSATING,
+                event_type=EventType.COMPENSATION_STARTED,
+                data={"error": error, "by": "parent"},
+                now=clock.now(),
+                claimable=True,
+            )
+            if changed is not None:
+                x.host.wake_workers()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
