@@ -16,14 +16,16 @@ EXPECTED = {
     "DeterminismError", "ArgumentMismatchError", "RunConflictError", "RunNotFoundError",
     "StoreError", "LeaseLostError", "TerminalError", "OutcomeUnknownError", "StepFailedError",
     "WaitTimeoutError", "RunFailedError", "RunCompensatedError", "CompensationFailedError",
-    "NeedsAttentionError",
+    "NeedsAttentionError", "Approval", "RunStateError", "ChildFailedError", "SignalTimeoutError",
+    "ApprovalRejectedError", "RunCancelledError",
 }  # fmt: skip
 
 
 def test_public_names_are_pinned():
     assert set(storno.__all__) == EXPECTED
     assert len(storno.__all__) == len(EXPECTED)
-    public = {n for n in vars(storno) if not n.startswith("_") and n not in ("annotations",)}
+    submodules = ("annotations", "testing")
+    public = {n for n in vars(storno) if not n.startswith("_") and n not in submodules}
     assert public - EXPECTED == set(), "a public name is not in __all__"
 
 

@@ -6,6 +6,7 @@ undoes its effect.
 """
 
 from storno._app import RunHandle, Storno
+from storno._context import Approval, SagaContext, SyncSagaContext
 from storno._definitions import (
     NOT_APPLIED,
     UNKNOWN,
@@ -18,9 +19,10 @@ from storno._definitions import (
     saga,
     step,
 )
-from storno._context import SagaContext, SyncSagaContext
 from storno._errors import (
+    ApprovalRejectedError,
     ArgumentMismatchError,
+    ChildFailedError,
     CompensationFailedError,
     ConfigurationError,
     DeterminismError,
@@ -29,11 +31,14 @@ from storno._errors import (
     OutcomeUnknownError,
     PayloadTooLargeError,
     PlanError,
+    RunCancelledError,
     RunCompensatedError,
     RunConflictError,
     RunFailedError,
     RunNotFoundError,
+    RunStateError,
     SerializationError,
+    SignalTimeoutError,
     StepFailedError,
     StoreError,
     StornoError,
@@ -68,6 +73,7 @@ __all__ = [
     "SyncSagaContext",
     "StepContext",
     "CompensationContext",
+    "Approval",
     "NOT_APPLIED",
     "NotApplied",
     "UNKNOWN",
@@ -86,14 +92,19 @@ __all__ = [
     "ArgumentMismatchError",
     "RunConflictError",
     "RunNotFoundError",
+    "RunStateError",
     "StoreError",
     "LeaseLostError",
     "TerminalError",
     "OutcomeUnknownError",
     "StepFailedError",
+    "ChildFailedError",
+    "SignalTimeoutError",
+    "ApprovalRejectedError",
     "WaitTimeoutError",
     "RunFailedError",
     "RunCompensatedError",
+    "RunCancelledError",
     "CompensationFailedError",
     "NeedsAttentionError",
 ]

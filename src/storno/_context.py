@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from storno._definitions import Saga, Step
 from storno import _waits
+from storno._definitions import Saga, Step
 from storno._errors import ApprovalRejectedError, ConfigurationError
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import json
 import inspect
+import json
 import logging
 import traceback
 from collections.abc import Callable
@@ -39,7 +39,6 @@ from storno._errors import (
     DeterminismError,
     LeaseLostError,
     OutcomeUnknownError,
-    PlanError,
     SerializationError,
     StepFailedError,
     StoreError,
@@ -55,7 +54,6 @@ from storno._model import (
     RetryPolicy,
     RunRecord,
     RunStatus,
-    StepKind,
     compensation_key,
     forward_key,
 )
@@ -647,15 +645,19 @@ class RunExecution:
                 return None
             result = found
         policy = step.compensation_retry
-        attempts = state.compensation.attempts if state.compensation else 0
-        last: dict[str, Any] = (state.compensation.error if state.compensation else None) or {}
+        comp = state.compensation
+        attempts = comp.attempts if comp else 0
+        # An operator's retry gives the compensation a fresh budget; numbering goes on.
+        spent_before = comp.spent_before if comp else 0
+        last: dict[str, Any] = (comp.error if comp else None) or {}
         compensate = step.compensate_fn
         assert compensate is not None  # check_runnable() guarantees it for compensable steps
         while True:
-            if attempts:
-                if last.get("terminal") or not policy.allows_another(attempts):
+            used = attempts - spent_before
+            if used:
+                if last.get("terminal") or not policy.allows_another(used):
                     return self._give_up_compensation(state, key, last, attempts)
-                await self.host.clock.sleep(policy.delay(attempts, self.rng))
+                await self.host.clock.sleep(policy.delay(used, self.rng))
             attempts += 1
             self.append(
                 EventType.COMPENSATION_STEP_STARTED,

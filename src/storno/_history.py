@@ -24,6 +24,7 @@ class CompensationState:
     error: dict[str, Any] | None = None
     started_at: float | None = None
     ended_at: float | None = None
+    spent_before: int = 0  # attempts made before an operator's retry reset the budget
 
 
 @dataclass(slots=True)
@@ -126,6 +127,8 @@ def fold(events: list[Event]) -> Fold:
             out.consumed.add(d["inbox_seq"])
         if t is EventType.CANCEL_REQUESTED:
             out.cancel = {"by": d.get("by"), "reason": d.get("reason")}
+        if t is EventType.OPERATOR_ACTION and d.get("action") == "retry":
+            _reset_failed_compensations(out)
         if p is None:
             continue
         if t is EventType.VALUE_RECORDED:
@@ -231,6 +234,14 @@ def _fold_wait(out: Fold, event: Event) -> None:
         wait.status = "timed_out"
     else:
         wait.status, wait.payload, wait.meta = "done", event.payload, d
+
+
+def _reset_failed_compensations(out: Fold) -> None:
+    """An operator retried a dead letter: failed compensations run again where they failed."""
+    for state in out.steps.values():
+        comp = state.compensation
+        if comp is not None and comp.status == "failed":
+            comp.status, comp.error, comp.spent_before = "pending", None, comp.attempts
 
 
 def _fold_compensation(state: StepState, event: Event) -> None:

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from storno._definitions import Saga, Step
 from storno._context import SagaContext
+from storno._definitions import Saga, Step
 from storno._errors import ConfigurationError, PlanError
 from storno._model import StepKind
 

@@ -59,6 +59,7 @@ class StepInfo:
     started_at: float
     ended_at: float | None
     compensation: CompensationInfo | None
+    child_run_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,6 +76,7 @@ class StepInfo:
             "error": self.error,
             "started_at": _iso(self.started_at),
             "ended_at": _iso(self.ended_at),
+            "child_run_id": self.child_run_id,
             "compensation": None
             if self.compensation is None
             else {
@@ -122,6 +124,9 @@ class RunInfo:
     result: Any
     error: dict[str, Any] | None
     owner: str | None
+    wake_at: float | None = None
+    parent_run_id: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)
     steps: list[StepInfo] = field(default_factory=list)
     history: list[HistoryEvent] = field(default_factory=list)
 
@@ -137,6 +142,9 @@ class RunInfo:
             "result": self.result,
             "error": self.error,
             "owner": self.owner,
+            "wake_at": _iso(self.wake_at),
+            "parent_run_id": self.parent_run_id,
+            "state": self.state,
             "steps": [s.to_json() for s in self.steps],
         }
         if with_history:
@@ -169,6 +177,7 @@ def describe_run(record: RunRecord, events: list[Event] | None = None) -> RunInf
                     compensation=None
                     if comp is None
                     else CompensationInfo(comp.status, comp.attempts, comp.key, comp.error),
+                    child_run_id=s.child_run_id,
                 )
             )
         history = [
@@ -186,6 +195,9 @@ def describe_run(record: RunRecord, events: list[Event] | None = None) -> RunInf
         result=_value(record.result),
         error=record.error,
         owner=record.owner,
+        wake_at=record.wake_at,
+        parent_run_id=record.parent_run_id,
+        state=dict(record.state or {}),
         steps=steps,
         history=history,
     )

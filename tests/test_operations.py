@@ -1,0 +1,157 @@
+"""Operating on runs: cancel, dead letters retried and resolved, every action journaled."""
+
+from __future__ import annotations
+
+import pytest
+
+import storno
+from conftest import wait_for
+
+LEDGER: list[str] = []
+FLAKY = {"refund_failures": 0}
+
+
+@pytest.fixture(autouse=True)
+def _clear() -> None:
+    LEDGER.clear()
+    FLAKY["refund_failures"] = 0
+
+
+@storno.step(kind="compensable")
+def hold(ctx: storno.StepContext, what: str) -> str:
+    LEDGER.append(f"hold {what}")
+    return what
+
+
+@hold.compensation
+def unhold(ctx: storno.CompensationContext[str], what: str) -> None:
+    if FLAKY["refund_failures"] > 0:
+        FLAKY["refund_failures"] -= 1
+        raise storno.TerminalError("refund API down")
+    LEDGER.append(f"unhold {what} {ctx.idempotency_key}")
+
+
+@storno.step(kind="pivot")
+def commit(ctx: storno.StepContext) -> str:
+    LEDGER.append("commit")
+    return "done"
+
+
+@storno.saga
+async def reservation(ctx: storno.SagaContext) -> str:
+    await ctx.step(hold, "room")
+    await ctx.wait_for_signal("confirm")
+    return await ctx.step(commit)
+
+
+@storno.saga
+async def committed(ctx: storno.SagaContext) -> str:
+    await ctx.step(hold, "seat")
+    await ctx.step(commit)
+    await ctx.wait_for_signal("never")
+    return "x"
+
+
+async def _is(app: storno.Storno, run_id: str, status: storno.RunStatus) -> bool:
+    return await app.get_handle(run_id).status() is status
+
+
+async def test_cancel_a_waiting_run_compensates_it(db_url: str) -> None:
+    async with storno.Storno(db_url, sagas=[reservation]) as app, app.worker():
+        handle = await app.start(reservation)
+        await wait_for(lambda: _is(app, handle.run_id, storno.RunStatus.WAITING))
+        await app.cancel(handle.run_id, by="ops@example.com", reason="customer called")
+        with pytest.raises(storno.RunCancelledError, match="cancelled"):
+            await handle.result(timeout=5)
+        info = await app.describe(handle.run_id)
+    assert info.status is storno.RunStatus.CANCELLED
+    assert LEDGER[0] == "hold room" and LEDGER[1].startswith("unhold room stc-")
+    asked = next(e for e in info.history if e.type == "cancel_requested")
+    assert asked.data["by"] == "ops@example.com" and asked.data["reason"] == "customer called"
+    assert info.history[-1].type == "run_cancelled"
+
+
+async def test_cancel_a_pending_run_before_any_worker_took_it(db_url: str) -> None:
+    async with storno.Storno(db_url, sagas=[reservation]) as app:
+        handle = await app.start(reservation)
+        await app.cancel(handle.run_id, by="ops", reason="not needed")
+        async with app.worker():
+            with pytest.raises(storno.RunCancelledError):
+                await handle.result(timeout=5)
+    assert LEDGER == []
+
+
+async def test_cancel_after_the_pivot_is_refused(db_url: str) -> None:
+    async with storno.Storno(db_url, sagas=[committed]) as app, app.worker():
+        handle = await app.start(committed)
+        await wait_for(lambda: _is(app, handle.run_id, storno.RunStatus.WAITING))
+        with pytest.raises(storno.RunStateError, match="past its point of no return"):
+            await app.cancel(handle.run_id, by="ops", reason="too late")
+        assert await handle.status() is storno.RunStatus.WAITING
+    assert "unhold seat" not in " ".join(LEDGER)
+
+
+async def test_cancel_of_unknown_or_ended_run(db_url: str) -> None:
+    @storno.saga
+    async def quick(ctx: storno.SagaContext) -> int:
+        return 1
+
+    async with storno.Storno(db_url, sagas=[quick]) as app, app.worker():
+        with pytest.raises(storno.RunNotFoundError):
+            await app.cancel("nope", by="ops", reason="x")
+        handle = await app.start(quick)
+        await handle.result(timeout=5)
+        with pytest.raises(storno.RunStateError, match="already ended"):
+            await app.cancel(handle.run_id, by="ops", reason="x")
+
+
+@storno.step(kind="compensable")
+def fail_now(ctx: storno.StepContext) -> None:
+    raise storno.TerminalError("card declined")
+
+
+fail_now.compensation(lambda ctx: None)
+
+
+@storno.saga
+async def doomed(ctx: storno.SagaContext) -> None:
+    await ctx.step(hold.options(compensation_retry=storno.RetryPolicy(maximum_attempts=1)), "car")
+    await ctx.step(fail_now)
+
+
+async def test_dead_letter_retry_resumes_with_the_same_compensation_key(db_url: str) -> None:
+    FLAKY["refund_failures"] = 1
+    async with storno.Storno(db_url, sagas=[doomed]) as app, app.worker():
+        handle = await app.start(doomed)
+        with pytest.raises(storno.CompensationFailedError, match="refund API down"):
+            await handle.result(timeout=5)
+        assert [r.run_id for r in await app.dead_letters()] == [handle.run_id]
+        failed = (await app.describe(handle.run_id)).steps[0].compensation
+        assert failed is not None and failed.status == "failed"
+        await app.retry(handle.run_id, by="ops", note="refund API is back")
+        with pytest.raises(storno.RunCompensatedError):
+            await handle.result(timeout=5)
+        info = await app.describe(handle.run_id)
+        assert await app.dead_letters() == []
+    expected = ["hold car", f"unhold car {failed.idempotency_key}"]
+    assert expected == LEDGER
+    action = next(e for e in info.history if e.type == "operator_action")
+    assert action.data == {"action": "retry", "by": "ops", "note": "refund API is back"}
+
+
+async def test_dead_letter_resolved_by_hand(db_url: str) -> None:
+    FLAKY["refund_failures"] = 5
+    async with storno.Storno(db_url, sagas=[doomed]) as app, app.worker():
+        handle = await app.start(doomed)
+        with pytest.raises(storno.CompensationFailedError):
+            await handle.result(timeout=5)
+        with pytest.raises(storno.ConfigurationError, match="needs a note"):
+            await app.resolve(handle.run_id, by="ops", note="")
+        await app.resolve(handle.run_id, by="ops", note="refunded in the provider's console")
+        with pytest.raises(storno.RunCompensatedError):
+            await handle.result(timeout=5)
+        with pytest.raises(storno.RunStateError, match="not a dead letter"):
+            await app.retry(handle.run_id, by="ops")
+        info = await app.describe(handle.run_id)
+    assert info.history[-1].type == "operator_action"
+    assert info.history[-1].data["note"] == "refunded in the provider's console"
