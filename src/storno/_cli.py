@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,33 @@ def _notes(history: list[HistoryEvent]) -> tuple[dict[int, list[str]], dict[int,
     return forward, back
 
 
+_WAIT_NOTES: dict[str, Callable[[HistoryEvent], str]] = {
+    "timer_started": lambda e: f"sleep until {_ts(e.data['until'])} UTC",
+    "timer_fired": lambda e: "timer fired",
+    "signal_wait_started": lambda e: f"wait for signal {e.data['name']!r}",
+    "signal_received": lambda e: f"signal {e.data['name']!r} received: {_short(e.value)}",
+    "signal_timed_out": lambda e: f"signal {e.data['name']!r} timed out",
+    "cancel_requested": lambda e: f"cancel by {e.data.get('by')}: {e.data.get('reason')}",
+    "cancel_refused": lambda e: f"cancel by {e.data.get('by')} refused (past the pivot)",
+    "operator_action": lambda e: (
+        f"{e.data.get('action')} by {e.data.get('by')}: {e.data.get('note')}"
+    ),
+}
+
+
 def render_run(info: RunInfo) -> list[str]:
     """A run's timeline as text: header, forward steps, compensations in the order they ran."""
     lines = [
         f"run {info.run_id}  saga {info.saga}  status {info.status.value}",
         f"  created {_ts(info.created_at)}  updated {_ts(info.updated_at)} (UTC)",
     ]
+    if info.parent_run_id:
+        lines.append(f"  child of run {info.parent_run_id}")
+    if info.status is RunStatus.WAITING:
+        until = f"until {_ts(info.wake_at)} UTC or a message" if info.wake_at else "for a message"
+        lines.append(f"  waiting {until}")
+    if info.state:
+        lines.append(f"  published {_short(info.state, 90)}")
     if info.status is RunStatus.COMPLETED:
         lines.append(f"  result {_short(info.result, 90)}")
     if info.error:
@@ -105,8 +127,16 @@ def render_run(info: RunInfo) -> list[str]:
         state = f"{s.kind:<14} {s.status}"
         lines.append(_row(s.position, s.name, width, state, s.attempts, s.idempotency_key))
         lines += [f"      {note}" for note in forward[s.position]]
+        if s.child_run_id:
+            lines.append(f"      child run {s.child_run_id}")
         if s.status == "completed":
             lines.append(f"      -> {_short(s.result)}")
+    waits = [e for e in info.history if e.type in _WAIT_NOTES]
+    if waits:
+        lines += ["", "waits, signals and operator actions"]
+    for e in waits:
+        where = f"#{e.position} " if e.position is not None else ""
+        lines.append(f"  {_ts(e.at)}  {where}{_WAIT_NOTES[e.type](e)}")
     first_seen: dict[int, int] = {}
     for e in info.history:
         if e.type.startswith("compensation_step_") and e.position is not None:
@@ -364,3 +394,13 @@ def show(run_id: str, as_json: bool, url: str) -> None:
         _echo_json(info.to_json())
     else:
         click.echo("\n".join(render_run(info)))
+
+
+def _register_operator_commands() -> None:
+    from storno._cli_ops import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_operator_commands()

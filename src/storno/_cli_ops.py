@@ -1,0 +1,150 @@
+"""Operator commands: talk to runs (signal, approve, reject, cancel) and handle dead letters.
+
+Every action is journaled in the run's history with who did it and why: ``--by`` defaults to
+``$STORNO_ACTOR``, else the login name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+
+from storno._app import Storno
+from storno._cli import _db_option, _echo_json, _existing, _summary, _ts
+
+__all__ = ["COMMANDS"]
+
+T = TypeVar("T")
+
+
+def _actor() -> str:
+    return os.environ.get("STORNO_ACTOR") or getpass.getuser()
+
+
+_by_option = click.option(
+    "--by",
+    default=_actor,
+    show_default="$STORNO_ACTOR or the login name",
+    help="Who does this; recorded in the run's history.",
+)
+
+
+def _with_app(url: str, action: Callable[[Storno], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with _existing(url) as app:
+            return await action(app)
+
+    return asyncio.run(go())
+
+
+def _report(as_json: bool, run_id: str, what: str, **extra: Any) -> None:
+    if as_json:
+        _echo_json({"run_id": run_id, "action": what, **extra})
+    else:
+        details = "".join(f"  {k}={v}" for k, v in extra.items())
+        click.echo(f"{what}: run {run_id}{details}")
+
+
+@click.command(short_help="Send a signal to a run.")
+@click.argument("run_id", metavar="RUN")
+@click.argument("name")
+@click.option("--data", help="The signal's data as JSON, e.g. '{\"ok\": true}'.")
+@click.option("--id", "message_id", help="An id: a repeated id is delivered once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_db_option
+def signal(
+    run_id: str, name: str, data: str | None, message_id: str | None, as_json: bool, url: str
+) -> None:
+    """Send signal NAME to RUN. It is buffered until the run waits for it."""
+    try:
+        value = None if data is None else json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--data") from exc
+    stored = _with_app(url, lambda app: app.signal(run_id, name, value, id=message_id))
+    _report(as_json, run_id, "signal", name=name, delivered="new" if stored else "duplicate")
+
+
+@click.command(short_help="Approve a run waiting for approval.")
+@click.argument("run_id", metavar="RUN")
+@click.option("--note", help="Why; recorded with the approval.")
+@_by_option
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_db_option
+def approve(run_id: str, note: str | None, by: str, as_json: bool, url: str) -> None:
+    """Approve RUN at its ctx.wait_for_approval()."""
+    _with_app(url, lambda app: app.approve(run_id, by=by, note=note))
+    _report(as_json, run_id, "approved", by=by)
+
+
+@click.command(short_help="Reject a run waiting for approval (it compensates).")
+@click.argument("run_id", metavar="RUN")
+@click.option("--reason", required=True, help="Why; recorded with the rejection.")
+@_by_option
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_db_option
+def reject(run_id: str, reason: str, by: str, as_json: bool, url: str) -> None:
+    """Reject RUN at its ctx.wait_for_approval(); it compensates unless its code handles it."""
+    _with_app(url, lambda app: app.reject(run_id, by=by, reason=reason))
+    _report(as_json, run_id, "rejected", by=by)
+
+
+@click.command(short_help="Cancel a run: compensate it and end it cancelled.")
+@click.argument("run_id", metavar="RUN")
+@click.option("--reason", required=True, help="Why; recorded in the run's history.")
+@_by_option
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_db_option
+def cancel(run_id: str, reason: str, by: str, as_json: bool, url: str) -> None:
+    """Cancel RUN. Refused after its point of no return; a running run stops at its next step."""
+    _with_app(url, lambda app: app.cancel(run_id, by=by, reason=reason))
+    _report(as_json, run_id, "cancel requested", by=by)
+
+
+@click.command(name="dead-letters", short_help="List runs whose compensation kept failing.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@_db_option
+def dead_letters(limit: int, as_json: bool, url: str) -> None:
+    """List dead letters (compensation_failed), newest first, with why each failed."""
+    runs = _with_app(url, lambda app: app.dead_letters(limit=limit))
+    if as_json:
+        _echo_json([_summary(r) for r in runs])
+        return
+    if not runs:
+        click.echo("(no dead letters)")
+    for run in runs:
+        message = (run.error or {}).get("message", "")
+        click.echo(f"{run.run_id}  {run.saga}  since {_ts(run.updated_at)} UTC\n  {message}")
+
+
+@click.command(short_help="Retry a dead letter's failed compensation.")
+@click.argument("run_id", metavar="RUN")
+@click.option("--note", help="Why it should work now; recorded.")
+@_by_option
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_db_option
+def retry(run_id: str, note: str | None, by: str, as_json: bool, url: str) -> None:
+    """Retry RUN's compensation where it failed, with the same compensation keys."""
+    _with_app(url, lambda app: app.retry(run_id, by=by, note=note))
+    _report(as_json, run_id, "retry", by=by)
+
+
+@click.command(short_help="Mark a dead letter compensated by hand.")
+@click.argument("run_id", metavar="RUN")
+@click.option("--note", required=True, help="What was done by hand; recorded.")
+@_by_option
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_db_option
+def resolve(run_id: str, note: str, by: str, as_json: bool, url: str) -> None:
+    """Mark RUN (a dead letter) as compensated by hand, with a note saying what was done."""
+    _with_app(url, lambda app: app.resolve(run_id, by=by, note=note))
+    _report(as_json, run_id, "resolved", by=by)
+
+
+COMMANDS = (signal, approve, reject, cancel, dead_letters, retry, resolve)
