@@ -155,3 +155,46 @@ async def test_dead_letter_resolved_by_hand(db_url: str) -> None:
         info = await app.describe(handle.run_id)
     assert info.history[-1].type == "operator_action"
     assert info.history[-1].data["note"] == "refunded in the provider's console"
+
+
+async def test_cancel_a_running_run_stops_it_at_the_next_step(db_url: str) -> None:
+    import asyncio
+
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    @storno.step(kind="compensable", compensate=lambda ctx: LEDGER.append("undo slow"))
+    async def slow(ctx: storno.StepContext) -> str:
+        entered.set()
+        await release.wait()
+        LEDGER.append("slow done")
+        return "slow"
+
+    @storno.step(kind="compensable", compensate=lambda ctx: None)
+    def never(ctx: storno.StepContext) -> None:
+        LEDGER.append("never")
+
+    @storno.saga
+    async def busy(ctx: storno.SagaContext) -> None:
+        await ctx.step(slow)
+        await ctx.step(never)
+
+    async with storno.Storno(db_url, sagas=[busy]) as app, app.worker():
+        handle = await app.start(busy)
+        await asyncio.wait_for(entered.wait(), 5)
+        await app.cancel(handle.run_id, by="ops", reason="stop it")
+        release.set()  # the call in flight finishes; nothing after it starts
+        with pytest.raises(storno.RunCancelledError):
+            await handle.result(timeout=5)
+    assert LEDGER == ["slow done", "undo slow"]
+
+
+async def test_deadline_ends_a_wait_and_compensates(db_url: str) -> None:
+    @storno.saga(timeout=0.3)
+    async def impatient(ctx: storno.SagaContext) -> None:
+        await ctx.step(hold, "table")
+        await ctx.wait_for_signal("never comes")
+
+    async with storno.Storno(db_url, sagas=[impatient]) as app, app.worker():
+        with pytest.raises(storno.RunCompensatedError, match="deadline"):
+            await app.run(impatient)
+    assert LEDGER[0] == "hold table" and LEDGER[1].startswith("unhold table")

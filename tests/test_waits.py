@@ -245,3 +245,34 @@ async def test_changed_code_at_a_wait_position_parks_the_run(db_url: str) -> Non
         with pytest.raises(storno.NeedsAttentionError, match="a wait for signal 'go'"):
             await app.get_handle(handle.run_id).result(timeout=5)
     assert LEDGER == []
+
+
+async def test_plain_function_sagas_wait_too(db_url: str) -> None:
+    @storno.saga
+    def sync_flow(ctx: storno.SyncSagaContext) -> str:
+        ctx.step(note, "one")
+        ctx.sleep(0.05)
+        ctx.publish("phase", "waiting")
+        got = ctx.wait_for_signal("go")
+        approval = ctx.wait_for_approval()
+        return f"{got} {approval.by}"
+
+    async with storno.Storno(db_url, sagas=[sync_flow]) as app, app.worker():
+        handle = await app.start(sync_flow)
+        await app.signal(handle.run_id, "go", "went")
+        await app.approve(handle.run_id, by="kim")
+        assert await handle.result(timeout=5) == "went kim"
+    assert LEDGER == ["one"]
+
+
+async def test_gather_with_a_waiting_branch_waits_for_it(db_url: str) -> None:
+    @storno.saga
+    async def mixed(ctx: storno.SagaContext) -> list[Any]:
+        return await ctx.gather(ctx.step(note, "now"), ctx.wait_for_signal("later"))
+
+    async with storno.Storno(db_url, sagas=[mixed]) as app, app.worker():
+        handle = await app.start(mixed)
+        await wait_for(lambda: _is(app, handle.run_id, storno.RunStatus.WAITING))
+        await app.signal(handle.run_id, "later", 42)
+        assert await handle.result(timeout=5) == ["now", 42]
+    assert LEDGER == ["now"]  # the finished branch was not called again on replay

@@ -445,6 +445,14 @@ class RunExecution:
                 args_text,
             )
             await self.commit()
+            try:
+                # The commit tells of messages that came while the previous step ran.
+                await check_cancel(self)
+            except Cancelled:
+                error = {"type": "Cancelled", "message": "cancelled before the call"}
+                data = {"attempt": attempts, "outcome_unknown": False, "error": error}
+                self.append(EventType.ATTEMPT_FAILED, position, data)
+                raise
             first_start = first_start or clock.now()
             context = StepContext(run_id, step.name, position, key, attempts, step.kind)
             try:
