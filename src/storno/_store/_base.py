@@ -8,7 +8,7 @@ under, and the store refuses it if another worker has claimed the run since.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,17 +184,28 @@ class Store(abc.ABC):
     ) -> set[str]:
         """Extend the leases ``owner`` holds on these runs; return the ids it no longer holds."""
 
+    def subscribe(self, callback: Callable[[], None]) -> None:  # noqa: B027 - optional hook
+        """Have ``callback`` called (in the event loop) whenever another process may have made
+        work available: a run created, a message delivered, a run made claimable, a wake time
+        come. Subscribing the same callback again changes nothing.
+
+        Stores without cross-process notifications keep this no-op: workers find such work
+        by polling.
+        """
+
 
 def open_store(url: str) -> Store:
-    """The store for a URL: ``sqlite:///relative.db``, ``sqlite:////abs.db`` or a file path."""
+    """The store for a URL: ``sqlite:///relative.db``, ``sqlite:////abs.db`` or a file path,
+    or ``postgresql://user@host/db`` (``postgres://`` too; needs ``storno[postgres]``)."""
     if url.startswith(("postgresql://", "postgres://")):
-        raise ConfigurationError(
-            "PostgreSQL is not supported by this version of storno yet; use a sqlite:/// URL"
-        )
+        from storno._store._postgres import PostgresStore
+
+        return PostgresStore(url)
     if "://" in url and not url.startswith("sqlite://"):
         scheme = url.split("://", 1)[0]
         raise ConfigurationError(
-            f"unsupported database URL scheme {scheme!r} in {url!r}; use sqlite:///path.db"
+            f"unsupported database URL scheme {scheme!r} in {url!r}; use sqlite:///path.db or "
+            f"postgresql://user@host/db"
         )
     from storno._store._sqlite import SQLiteStore
 

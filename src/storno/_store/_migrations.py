@@ -1,0 +1,206 @@
+"""Versioned schema migrations, shared by the backends: which exist, which a database has.
+
+Each backend keeps numbered SQL files in ``migrations/<backend>/NNNN_name.sql``; a database
+records the versions it has in ``storno_schema``. Stores apply what is missing when they open
+(SQLite under its write lock, PostgreSQL under an advisory lock), so several workers starting
+at once migrate once. ``schema/<backend>.sql`` is the whole current definition in one file;
+a test checks that migrating an empty database gives exactly that.
+
+``storno db upgrade`` and ``storno db status`` use :func:`upgrade` and :func:`status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+from storno._errors import ConfigurationError, StoreError
+
+__all__ = [
+    "Backend",
+    "Migration",
+    "SchemaStatus",
+    "available",
+    "backend_of",
+    "current_schema",
+    "redact",
+    "status",
+    "upgrade",
+]
+
+Backend = Literal["sqlite", "postgres"]
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One numbered migration file."""
+
+    version: int
+    name: str  # the file name without .sql, e.g. 0002_waits_inbox
+    sql: str
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    """Where a database's schema stands against the migrations this storno knows."""
+
+    backend: Backend
+    url: str  # with any password masked
+    exists: bool  # False: nothing created yet (no file, no storno tables)
+    current: int  # highest version applied, 0 for none
+    latest: int  # highest version this storno knows
+    applied: list[tuple[int, float | None]] = field(default_factory=list)  # (version, unix time)
+    pending: list[str] = field(default_factory=list)  # names of migrations not applied yet
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.exists and self.current == self.latest
+
+    @property
+    def too_new(self) -> bool:
+        """The database was migrated by a newer storno than this one."""
+        return self.current > self.latest
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "url": self.url,
+            "exists": self.exists,
+            "current": self.current,
+            "latest": self.latest,
+            "up_to_date": self.up_to_date,
+            "too_new": self.too_new,
+            "applied": [{"version": v, "applied_at": at} for v, at in self.applied],
+            "pending": list(self.pending),
+        }
+
+
+def available(backend: Backend) -> list[Migration]:
+    """The migrations shipped for a backend, in order."""
+    folder = resources.files("storno._store").joinpath("migrations", backend)
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append(Migration(version, entry.name[: -len(".sql")], entry.read_text()))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise StoreError(f"two {backend} migrations share a version number: {versions}")
+    return found
+
+
+def current_schema(backend: Backend) -> str:
+    """The whole current schema definition for a backend, as one SQL text."""
+    return resources.files("storno._store").joinpath("schema", f"{backend}.sql").read_text()
+
+
+def backend_of(url: str) -> Backend:
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgres"
+    if "://" in url and not url.startswith("sqlite://"):
+        scheme = url.split("://", 1)[0]
+        raise ConfigurationError(
+            f"unsupported database URL scheme {scheme!r} in {url!r}; use sqlite:///path.db or "
+            f"postgresql://user@host/db"
+        )
+    return "sqlite"
+
+
+def redact(url: str) -> str:
+    """The URL with its password (if any) replaced by ``***``, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    userinfo, _, after = rest.partition("@")
+    if ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{after}"
+
+
+# --- SQLite -----------------------------------------------------------------------------
+
+
+def _sqlite_status(url: str) -> SchemaStatus:
+    from storno._store._sqlite import parse_sqlite_url
+
+    path, _ = parse_sqlite_url(url)
+    known = available("sqlite")
+    latest = known[-1].version if known else 0
+    if not path.exists():
+        return SchemaStatus("sqlite", url, False, 0, latest, [], [m.name for m in known])
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            has_table = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'storno_schema'"
+            ).fetchone()
+            rows = (
+                conn.execute("SELECT version, applied_at FROM storno_schema ORDER BY version")
+                if has_table
+                else []
+            )
+            # SQLite records julian days; report Unix seconds like PostgreSQL.
+            applied = [
+                (int(v), (float(at) - 2440587.5) * 86400.0 if at is not None else None)
+                for v, at in rows
+            ]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read SQLite database {str(path)!r}: {exc}") from exc
+    current = max((v for v, _ in applied), default=0)
+    pending = [m.name for m in known if m.version > current]
+    return SchemaStatus("sqlite", url, bool(applied), current, latest, applied, pending)
+
+
+def _sqlite_upgrade(url: str) -> None:
+    from storno._store._sqlite import migrate, parse_sqlite_url
+
+    path, _ = parse_sqlite_url(url)
+    if path.parent and not path.parent.exists():
+        raise ConfigurationError(
+            f"cannot create the SQLite database {str(path)!r}: folder "
+            f"{str(path.parent)!r} does not exist"
+        )
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        try:
+            migrate(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot migrate SQLite database {str(path)!r}: {exc}") from exc
+
+
+# --- both -------------------------------------------------------------------------------
+
+
+async def status(url: str) -> SchemaStatus:
+    """The schema version of the database at ``url``; changes nothing."""
+    if backend_of(url) == "postgres":
+        from storno._store._postgres import PostgresStore
+
+        return await PostgresStore(url).schema_status()
+    return await asyncio.to_thread(_sqlite_status, url)
+
+
+async def upgrade(url: str) -> tuple[SchemaStatus, SchemaStatus]:
+    """Apply the missing migrations; return the status before and after."""
+    before = await status(url)
+    if before.too_new:
+        raise StoreError(
+            f"the database is at schema version {before.current}, newer than this storno "
+            f"understands ({before.latest}); upgrade storno"
+        )
+    if backend_of(url) == "postgres":
+        from storno._store._postgres import PostgresStore
+
+        await PostgresStore(url).migrate()
+    else:
+        await asyncio.to_thread(_sqlite_upgrade, url)
+    return before, await status(url)
