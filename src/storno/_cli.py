@@ -404,3 +404,12 @@ def _register_operator_commands() -> None:
 
 
 _register_operator_commands()
+
+
+def _register_db_commands() -> None:
+    from storno._cli_db import db
+
+    main.add_command(db)
+
+
+_register_db_commands()
