@@ -1,19 +1,186 @@
-"""Shared fixtures: every test gets its own real SQLite file."""
+"""Shared fixtures: every test gets its own real database.
+
+Tests that take ``db_url`` (or ``app``) run once per selected backend, with ids ``[sqlite]``
+and ``[postgres]``: on SQLite a fresh file in ``tmp_path``, on PostgreSQL a fresh schema in
+the database named by ``$STORNO_TEST_POSTGRES_URL``, dropped after the test.
+
+Selecting backends: ``--backend sqlite|postgres|all`` (or ``$STORNO_TEST_BACKEND``); the
+default ``all`` runs SQLite, and PostgreSQL where ``STORNO_TEST_POSTGRES_URL`` is set (where
+it is not, the PostgreSQL variants skip and say why). ``--require-postgres`` (or
+``STORNO_TEST_REQUIRE_POSTGRES=1``; CI sets it) turns every skipped PostgreSQL test into a
+failure, so a missing server cannot pass unnoticed. Tests marked ``postgres`` need the server
+by nature; tests marked ``sqlite_only`` look inside the SQLite file and run on SQLite only.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
 import storno
 
+POSTGRES_ENV = "STORNO_TEST_POSTGRES_URL"
+BACKENDS = ("sqlite", "postgres")
+_SKIP_NO_URL = (
+    f"PostgreSQL tests need {POSTGRES_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test); "
+    f"it is not set"
+)
+
+# SQLite-only tests in modules that do not mark them: they open the SQLite file by its path.
+_SQLITE_ONLY_TESTS = frozenset({"test_history_cannot_be_changed_or_deleted"})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("storno")
+    group.addoption(
+        "--backend",
+        choices=("sqlite", "postgres", "all"),
+        default=os.environ.get("STORNO_TEST_BACKEND", "all"),
+        help="Store backend(s) the db_url tests run against (default all: SQLite, and "
+        f"PostgreSQL where ${POSTGRES_ENV} is set; env STORNO_TEST_BACKEND).",
+    )
+    group.addoption(
+        "--require-postgres",
+        action="store_true",
+        default=os.environ.get("STORNO_TEST_REQUIRE_POSTGRES", "") not in ("", "0"),
+        help=f"Fail, rather than skip, PostgreSQL tests when ${POSTGRES_ENV} is unset.",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--require-postgres") and config.getoption("--backend") == "sqlite":
+        raise pytest.UsageError("--require-postgres contradicts --backend sqlite")
+
+
+def _selected(config: pytest.Config) -> list[str]:
+    choice = config.getoption("--backend")
+    return list(BACKENDS) if choice == "all" else [choice]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db_backend" not in metafunc.fixturenames:
+        return
+    backends = _selected(metafunc.config)
+    sqlite_only = (
+        metafunc.definition.get_closest_marker("sqlite_only") is not None
+        or metafunc.function.__name__ in _SQLITE_ONLY_TESTS
+    )
+    if sqlite_only:
+        backends = [b for b in backends if b == "sqlite"]
+    if metafunc.definition.get_closest_marker("postgres") is not None:
+        backends = [b for b in backends if b == "postgres"]
+    if not backends:
+        backends = ["sqlite" if sqlite_only else "postgres"]
+        marks = [pytest.mark.skip(reason=f"not selected by --backend {_choice(metafunc)}")]
+        metafunc.parametrize(
+            "db_backend", [pytest.param(b, marks=marks) for b in backends], indirect=True
+        )
+        return
+    metafunc.parametrize(
+        "db_backend",
+        [
+            pytest.param(b, marks=[pytest.mark.postgres] if b == "postgres" else [])
+            for b in backends
+        ],
+        indirect=True,
+    )
+
+
+def _choice(metafunc: pytest.Metafunc) -> str:
+    return str(metafunc.config.getoption("--backend"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "postgres" in _selected(config):
+        return
+    skip = pytest.mark.skip(reason=f"not selected by --backend {config.getoption('--backend')}")
+    for item in items:
+        if item.get_closest_marker("postgres") is not None:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        report.skipped
+        and item.config.getoption("--require-postgres")
+        and item.get_closest_marker("postgres") is not None
+    ):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"PostgreSQL test skipped under --require-postgres: {reason}"
+
+
+def postgres_url() -> str:
+    """The PostgreSQL server for tests; skips the test (with the reason) where it is unset."""
+    url = os.environ.get(POSTGRES_ENV, "").strip()
+    if not url:
+        pytest.skip(_SKIP_NO_URL)
+    return url
+
+
+def with_schema(url: str, schema: str) -> str:
+    """``url`` with its ``schema=`` option set to ``schema``."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "schema"]
+    query.append(("schema", schema))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _libpq(url: str) -> str:
+    """The URL without storno's own options, for a plain psycopg connection."""
+    parts = urlsplit(url)
+    query = [
+        (k, v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        if k not in ("schema", "pool_size")
+    ]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def pg_execute(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement on the test server (autocommit) and return its rows."""
+    import psycopg
+
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        cur = conn.execute(sql, params)
+        return cur.fetchall() if cur.description else []
+
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def pg_schema() -> Iterator[str]:
+    """A PostgreSQL URL whose ``schema=`` names a fresh, empty schema, dropped afterwards."""
+    base = postgres_url()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        pg_execute(base, f'CREATE SCHEMA "{schema}"')
+    except Exception as exc:
+        pytest.fail(f"cannot create a test schema on {POSTGRES_ENV}={base}: {exc}")
+    try:
+        yield with_schema(base, schema)
+    finally:
+        pg_execute(base, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def db_backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def db_url(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if db_backend == "postgres":
+        url: str = request.getfixturevalue("pg_schema")
+        return url
     return f"sqlite:///{tmp_path / 'storno.db'}"
 
 
