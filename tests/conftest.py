@@ -106,18 +106,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+_postgres_passed = 0
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    global _postgres_passed
     outcome = yield
     report = outcome.get_result()
-    if (
-        report.skipped
-        and item.config.getoption("--require-postgres")
-        and item.get_closest_marker("postgres") is not None
-    ):
+    if item.get_closest_marker("postgres") is None:
+        return
+    if report.when == "call" and report.passed:
+        _postgres_passed += 1
+    if report.skipped and item.config.getoption("--require-postgres"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"PostgreSQL test skipped under --require-postgres: {reason}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    ran = session.testscollected - session.testsfailed > 0
+    if session.config.getoption("--require-postgres") and ran and not _postgres_passed:
+        writer = session.config.get_terminal_writer()
+        writer.line()
+        writer.line("--require-postgres: no PostgreSQL test passed in this session", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def postgres_url() -> str:
