@@ -318,10 +318,11 @@ async def work(
 
         write = app.store.write
 
-        async def write_and_maybe_die(lease: Any, events: Any, update: Any, **kwargs: Any) -> None:
-            await write(lease, events, update, **kwargs)
+        async def write_and_maybe_die(lease: Any, events: Any, update: Any, **kwargs: Any) -> int:
+            latest = await write(lease, events, update, **kwargs)
             if update is not None:
                 checkpoint("status.written", run_id=lease.run_id, status=update.status.value)
+            return latest
 
         app.store.claim = claim_and_maybe_die  # type: ignore[method-assign]
         app.store.write = write_and_maybe_die  # type: ignore[method-assign]

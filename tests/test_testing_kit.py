@@ -773,3 +773,18 @@ def test_docs_testing_examples_run(code: str, tmp_path: Path) -> None:
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_time_out_after_the_call_landed_is_found_by_read_back(sqlite_url: str) -> None:
+    calls: list[tuple[str, str]] = []
+    buy, steps = shop(calls, verify=True)
+    async with storno.Storno(sqlite_url, sagas=[buy], steps=steps) as app, app.worker():
+        with FaultInjector() as faults:
+            faults.time_out("reserve", landed=True)
+            handle = await app.start(buy, "lamp")
+            assert await handle.result(timeout=10) == ["r-lamp", "c-lamp"]
+        info = await handle.describe()
+    reserve = step_info(info, "reserve")
+    assert (reserve.attempts, reserve.verified) == (1, [True])  # found: not called again
+    assert [name for name, _ in calls] == ["reserve", "charge"]
+

@@ -202,6 +202,11 @@ class Storno:
             self, concurrency=concurrency, poll_interval=poll_interval, worker_id=worker_id
         )
 
+    @property
+    def workers(self) -> list[Worker]:
+        """The workers running in this process for this application."""
+        return list(self._workers)
+
     def _attach_worker(self, worker: Worker) -> None:
         self._workers.append(worker)
 

@@ -461,8 +461,12 @@ class RunExecution:
                 result = await self._call(
                     step.fn, context, args, kwargs, self._time_left(step, first_start)
                 )
+                # An Exception injected here stands for a call that landed and lost its answer.
+                _faults.point("step.returned", run_id=run_id, step=step.name, attempt=attempts)
             except Exception as exc:
-                unknown = isinstance(exc, (TimeoutError, OutcomeUnknownError))
+                # A definite answer to a retry under the same key settles an earlier unknown
+                # outcome: a provider that honours the key answers with the first call's fate.
+                lost = unknown = isinstance(exc, (TimeoutError, OutcomeUnknownError))
                 last_error = error_info(exc)
                 last_error["retryable"] = not isinstance(exc, TerminalError) and (
                     policy.is_retryable(exc)
@@ -472,14 +476,13 @@ class RunExecution:
                     position,
                     {"attempt": attempts, "error": last_error, "outcome_unknown": unknown},
                 )
-                if unknown:
+                if lost:
                     found = await self._read_back(step, position, key, attempts, args, kwargs)
                     if found is NOT_APPLIED:
                         unknown = False
                     elif found is not UNKNOWN:
                         return found
                 continue
-            _faults.point("step.returned", run_id=run_id, step=step.name, attempt=attempts)
             try:
                 result_text = self.encode_value(result, f"result of step {step.name!r}")
             except SerializationError as exc:
@@ -681,6 +684,9 @@ class RunExecution:
                     "compensation.started", run_id=run_id, step=state.name, attempt=attempts
                 )
                 await self._call(compensate, context, args, kwargs, step.attempt_timeout)
+                _faults.point(
+                    "compensation.returned", run_id=run_id, step=state.name, attempt=attempts
+                )
             except Exception as exc:
                 last = error_info(exc)
                 last["terminal"] = isinstance(exc, TerminalError)
@@ -690,7 +696,6 @@ class RunExecution:
                     {"key": key, "attempt": attempts, "error": last},
                 )
                 continue
-            _faults.point("compensation.returned", run_id=run_id, step=state.name)
             self.append(EventType.COMPENSATION_STEP_COMPLETED, position, {"key": key})
             return None
 

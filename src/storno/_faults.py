@@ -3,9 +3,10 @@
 The engine calls :func:`point` at every place where a process could die with interesting
 consequences: after a step's durable start, after the step's call returned but before its
 result is recorded, the same around each compensation, and before a run's end is recorded.
-With no hook set this costs one global read. An ``Exception`` raised by the hook at
-``step.started`` or ``compensation.started`` counts as that attempt's own failure; a
-``BaseException`` escapes the engine as a dying process would.
+With no hook set this costs one global read. An ``Exception`` raised by the hook at any
+``step.*`` or ``compensation.*`` point counts as that attempt's own failure (at ``*.returned``
+a ``TimeoutError`` stands for a call that landed and lost its answer); a ``BaseException``
+escapes the engine as a dying process would.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ async def advance(app: Storno, delta: float | timedelta) -> float:
             f"this one uses {type(clock).__name__}"
         )
     target = clock.now() + _seconds(delta)
-    workers = list(app._workers)
+    workers = app.workers
     for worker in workers:
         if worker.active_runs:
             await app.store.renew(

@@ -303,20 +303,21 @@ class FaultInjector:
         after: int = 0,
         run_id: str | None = None,
         call: int | None = None,
+        landed: bool = False,
     ) -> FaultRule:
-        """The step's attempts time out before the other system sees the call.
+        """The step's attempts time out: before the other system sees the call, or with
+        ``landed=True`` after the call took effect (its answer is lost).
 
-        The engine cannot tell that the call did not land: it records the outcome as
-        unknown, reads back through the step's ``verify`` (which must answer
-        ``storno.NOT_APPLIED``), else retries under the same idempotency key. For a call that
-        *did* land and whose answer was lost, use ``crash(step, when="after_call")``.
+        The engine cannot tell which: it records the outcome as unknown, reads back through
+        the step's ``verify`` (which must find the call when it landed and answer
+        ``storno.NOT_APPLIED`` when it did not), else retries under the same idempotency key.
         """
         name = _step_name(step)
-        what = f"timeout of step {name!r}"
+        what = f"timeout of step {name!r}" + (" after the call landed" if landed else "")
         return self.add(
             FaultRule(
                 what,
-                "step.started",
+                "step.returned" if landed else "step.started",
                 _error_maker(None, TimeoutError, what),
                 step=name,
                 times=times,
@@ -531,7 +532,7 @@ async def restart_worker(worker: Worker, *, grace: float = 10.0) -> Worker:
 
 async def restart_workers(app: Storno, *, grace: float = 10.0) -> list[Worker]:
     """:func:`restart_worker` for every worker running in ``app``: a process restart."""
-    workers = list(app._workers)
+    workers = app.workers
     for worker in workers:
         await worker.stop(grace=grace)
     successors = []
