@@ -787,4 +787,3 @@ async def test_time_out_after_the_call_landed_is_found_by_read_back(sqlite_url: 
     reserve = step_info(info, "reserve")
     assert (reserve.attempts, reserve.verified) == (1, [True])  # found: not called again
     assert [name for name, _ in calls] == ["reserve", "charge"]
-
