@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -276,3 +277,21 @@ async def test_gather_with_a_waiting_branch_waits_for_it(db_url: str) -> None:
         await app.signal(handle.run_id, "later", 42)
         assert await handle.result(timeout=5) == ["now", 42]
     assert LEDGER == ["now"]  # the finished branch was not called again on replay
+
+
+async def test_a_three_day_approval_timeout_runs_in_virtual_time(db_url: str) -> None:
+    from storno.testing import VirtualClock, advance
+
+    clock = VirtualClock()
+    started = time.monotonic()
+    async with storno.Storno(db_url, sagas=[refund], clock=clock) as app, app.worker():
+        handle = await app.start(refund, 30)
+        await wait_for(lambda: _is(app, handle.run_id, storno.RunStatus.WAITING))
+        await advance(app, timedelta(days=2, hours=23))
+        await asyncio.sleep(0.05)
+        assert await handle.status() is storno.RunStatus.WAITING  # not yet
+        await advance(app, timedelta(hours=2))
+        with pytest.raises(storno.RunCompensatedError, match="no signal 'storno.approval'"):
+            await handle.result(timeout=5)
+    assert time.monotonic() - started < 5  # three days in well under a second or two
+    assert "release refund 30" in LEDGER
