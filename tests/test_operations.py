@@ -198,3 +198,25 @@ async def test_deadline_ends_a_wait_and_compensates(db_url: str) -> None:
         with pytest.raises(storno.RunCompensatedError, match="deadline"):
             await app.run(impatient)
     assert LEDGER[0] == "hold table" and LEDGER[1].startswith("unhold table")
+
+
+async def test_listeners_see_every_event_made_durable_in_order(db_url: str) -> None:
+    seen: list[tuple[str, int, str]] = []
+
+    def listen(run: object, events: list[object]) -> None:
+        for event in events:
+            seen.append((run.run_id, event.seq, event.type.value))  # type: ignore[attr-defined]
+
+    def broken(run: object, events: list[object]) -> None:
+        raise RuntimeError("a listener bug must not touch the run")
+
+    async with storno.Storno(db_url, sagas=[committed]) as app, app.worker():
+        app.add_listener(broken)
+        app.add_listener(listen)
+        handle = await app.start(committed)
+        await wait_for(lambda: _is(app, handle.run_id, storno.RunStatus.WAITING))
+        history = (await app.describe(handle.run_id)).history
+    # Every event after the run's creation (written by start(), not by a worker).
+    assert [(r, s, t) for r, s, t in seen] == [
+        (handle.run_id, e.seq, e.type) for e in history if e.type != "run_created"
+    ]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -33,6 +34,7 @@ from storno._model import (
     InboxMessage,
     Lease,
     MessageKind,
+    RunRecord,
     RunStatus,
     seconds,
 )
@@ -42,12 +44,16 @@ from storno._store import NewRun, Store, open_store
 from storno._views import RunInfo, describe_run
 from storno._worker import Worker
 
-__all__ = ["DEFAULT_URL", "RunHandle", "Storno"]
+__all__ = ["DEFAULT_URL", "EventListener", "RunHandle", "Storno"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 DEFAULT_URL = "sqlite:///storno.db"
+log = logging.getLogger("storno.app")
+
+EventListener = Callable[[RunRecord, list[Event]], None]
+"""Called with a run and the events just made durable for it."""
 ENDED = frozenset(
     {
         RunStatus.COMPLETED,
@@ -101,6 +107,7 @@ class Storno:
         self._steps: dict[str, Step[..., Any]] = {}
         self._workers: list[Worker] = []
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._listeners: list[EventListener] = []
         self._opened = False
         self.register(*sagas, *steps)
 
@@ -213,6 +220,25 @@ class Storno:
     def _detach_worker(self, worker: Worker) -> None:
         if worker in self._workers:
             self._workers.remove(worker)
+
+    def add_listener(self, listener: EventListener) -> None:
+        """Call ``listener(run, events)`` after each durable write of a run executed in this
+        process, with the events it made durable. Listeners feed metrics, logs and tracing;
+        they run on the event loop, so they must be quick, and an error in one is logged and
+        ignored (it never affects the run)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: EventListener) -> None:
+        """Stop calling a listener added with :meth:`add_listener`."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def committed(self, record: RunRecord, events: list[Event]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(record, events)
+            except Exception:
+                log.exception("event listener %r failed; the run is not affected", listener)
 
     def wake_workers(self) -> None:
         """Tell this process's workers that a run may have become claimable."""

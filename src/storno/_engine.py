@@ -98,6 +98,9 @@ class EngineHost(Protocol):
     def note_wake(self, wake_at: float) -> None:
         """Tell this process's workers that a run suspended here wakes at ``wake_at``."""
 
+    def committed(self, record: RunRecord, events: list[Event]) -> None:
+        """Events of a run were made durable by this process (for listeners: metrics, logs)."""
+
 
 def error_info(exc: BaseException) -> dict[str, Any]:
     """A JSON-ready description of an error for the history."""
@@ -195,6 +198,8 @@ class RunExecution:
                     await asyncio.sleep(_COMMIT_RETRY.delay(failures))
                     continue
                 self.inbox_latest = max(self.inbox_latest, latest)
+                if events:
+                    self.host.committed(self.record, events)
                 return
 
     async def _end(self, update: RunUpdate) -> None:
