@@ -608,24 +608,36 @@ class SQLiteStore(Store):
             return []
         names = list(sagas or [])
         skip = list(exclude)
-        only = f"AND saga IN ({','.join('?' * len(names))})" if sagas is not None else ""
+        # "+saga" keeps the planner off the saga index: each branch below must walk its own
+        # status index, touching due runs only, never a saga's finished ones.
+        only = f" AND +saga IN ({','.join('?' * len(names))})" if sagas is not None else ""
         if skip:
             only += f" AND run_id NOT IN ({','.join('?' * len(skip))})"
+        branches = (
+            "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_status_created"
+            f" WHERE status = 'pending' AND (wake_at IS NULL OR wake_at <= ?){only}"
+            " ORDER BY created_at LIMIT ?",
+            "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_wake"
+            f" WHERE status = 'waiting' AND wake_at <= ?{only} ORDER BY wake_at LIMIT ?",
+            "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_status"
+            " WHERE status IN ('running', 'compensating')"
+            f" AND (lease_expires_at < ? OR (? AND owner = ?)){only} LIMIT ?",
+        )
+        union = " UNION ALL ".join(f"SELECT * FROM ({b})" for b in branches)
         sql = (
             "UPDATE storno_runs SET owner = ?, epoch = epoch + 1, lease_expires_at = ?, "
             " updated_at = ?, wake_at = NULL, "
             " status = CASE WHEN status IN ('pending', 'waiting') THEN 'running' ELSE status END "
-            "WHERE run_id IN (SELECT run_id FROM storno_runs "
-            "  WHERE ((status = 'pending' AND (wake_at IS NULL OR wake_at <= ?)) "
-            "     OR (status = 'waiting' AND wake_at <= ?) "
-            "     OR (status IN ('running', 'compensating') "
-            f"         AND (lease_expires_at < ? OR (? AND owner = ?)))) {only} "
-            "  ORDER BY created_at LIMIT ?) "
+            f"WHERE run_id IN (SELECT run_id FROM ({union}) ORDER BY created_at LIMIT ?) "
             "RETURNING *"
         )
+        filters = (*names, *skip)
         params = (
-            *(owner, now + lease_seconds, now, now, now, now),
-            *(include_own, owner, *names, *skip, limit),
+            *(owner, now + lease_seconds, now),
+            *(now, *filters, limit),
+            *(now, *filters, limit),
+            *(now, include_own, owner, *filters, limit),
+            limit,
         )
 
         def op(conn: sqlite3.Connection) -> list[tuple[RunRecord, Lease]]:

@@ -28,6 +28,7 @@ CREATE INDEX storno_runs_by_created ON storno_runs (created_at);
 CREATE INDEX storno_runs_by_saga ON storno_runs (saga, created_at);
 CREATE INDEX storno_runs_by_wake ON storno_runs (status, wake_at);
 CREATE INDEX storno_runs_by_parent ON storno_runs (parent_run_id);
+CREATE INDEX storno_runs_by_status_created ON storno_runs (status, created_at);
 
 -- History: append-only, numbered per run.
 CREATE TABLE storno_events (
