@@ -135,6 +135,7 @@ class RunExecution:
         self.forward_only_since: str | None = None
         self.park_error: DeterminismError | None = None
         self.lease_lost = False
+        self.released = False  # the run's lease was given up: it ended, parked or suspended
         self.rng = _random.Random()
         # The step objects the body called, with any call-site overrides: compensation uses
         # them first, and looks steps up by name only when the body did not run this time.
@@ -198,6 +199,7 @@ class RunExecution:
                     await asyncio.sleep(_COMMIT_RETRY.delay(failures))
                     continue
                 self.inbox_latest = max(self.inbox_latest, latest)
+                self.released = update is not None and update.release
                 if events:
                     self.host.committed(self.record, events)
                 return

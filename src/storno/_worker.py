@@ -54,6 +54,7 @@ class Worker:
         self.poll_interval = poll_interval
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._executions: dict[str, RunExecution] = {}
         self._reserved = 0
         self._wake = asyncio.Event()
         self._stopping = False
@@ -171,13 +172,16 @@ class Worker:
         try:
             if history is None:
                 history = await self.app.store.history(record.run_id)
-            await RunExecution(self.app, record, lease, history).execute()
+            execution = RunExecution(self.app, record, lease, history)
+            self._executions[record.run_id] = execution
+            await execution.execute()
         except asyncio.CancelledError:
             raise
         except Exception:
             # The lease expires and another attempt resumes the run from its history.
             log.exception("run %s: execution stopped by an unexpected error", record.run_id)
         finally:
+            self._executions.pop(record.run_id, None)
             self.app._run_settled(record.run_id)
 
     async def _claim(self) -> tuple[int, int]:
@@ -227,11 +231,16 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), pause)
 
+    def _released(self, run_id: str) -> bool:
+        execution = self._executions.get(run_id)
+        return execution is not None and execution.released
+
     async def _heartbeat_loop(self) -> None:
         interval = self.app.lease_seconds / 3
         while not self._stopping:
             await asyncio.sleep(interval)
-            ids = list(self._tasks)
+            # A run that released its lease (ended, suspended) has nothing left to renew.
+            ids = [i for i in self._tasks if not self._released(i)]
             if not ids:
                 continue
             try:
@@ -243,6 +252,6 @@ class Worker:
                 continue
             for run_id in lost:
                 task = self._tasks.get(run_id)
-                if task is not None:
+                if task is not None and not self._released(run_id):
                     log.warning("run %s: lease taken over by another worker; stopping", run_id)
                     task.cancel()
