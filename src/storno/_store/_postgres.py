@@ -710,6 +710,8 @@ class PostgresStore(Store):
             raise
         except StoreError as exc:
             if isinstance(exc.__cause__, (psycopg.OperationalError, OSError)):
+                if len(self._uncertain) > 10_000:  # runs whose execution gave up long ago
+                    self._uncertain.clear()
                 self._uncertain.add(key)  # the next try must check whether this one landed
             raise
         self._uncertain.discard(key)
