@@ -413,3 +413,13 @@ def _register_db_commands() -> None:
 
 
 _register_db_commands()
+
+
+def _register_server_commands() -> None:
+    from storno._cli_serve import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_server_commands()

@@ -345,11 +345,13 @@ class Saga(Generic[P, R]):
         name: str,
         timeout: float | None,
         run_id: str | None = None,
+        stuck_after: float | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
         self.timeout = timeout
         self.run_id = run_id
+        self.stuck_after = stuck_after
         self.start_at: float | None = None
         self.start_delay: float | None = None
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -363,9 +365,12 @@ class Saga(Generic[P, R]):
         timeout: float | timedelta | None = None,
         start_at: datetime | None = None,
         start_delay: float | timedelta | None = None,
+        stuck_after: float | timedelta | None = None,
     ) -> Saga[P, R]:
         """A copy to start with a caller-chosen run id, a deadline (``timeout`` from the
         start), or a scheduled start (``start_at`` an aware datetime, or ``start_delay``).
+        ``stuck_after`` overrides how long a run may go without progress before operator
+        tools flag it as stuck.
 
         Starting the same run id again returns the existing run, never a second one.
         """
@@ -388,6 +393,8 @@ class Saga(Generic[P, R]):
             clone.run_id = run_id
         if timeout is not None:
             clone.timeout = seconds(timeout, "timeout")
+        if stuck_after is not None:
+            clone.stuck_after = seconds(stuck_after, "stuck_after")
         return clone
 
     def __repr__(self) -> str:
@@ -404,7 +411,11 @@ def saga(fn: Callable[Concatenate[SyncSagaContext, P], R], /) -> Saga[P, R]: ...
 
 @overload
 def saga(
-    fn: None = None, *, name: str | None = ..., timeout: float | timedelta | None = ...
+    fn: None = None,
+    *,
+    name: str | None = ...,
+    timeout: float | timedelta | None = ...,
+    stuck_after: float | timedelta | None = ...,
 ) -> _SagaDecorator: ...
 
 
@@ -413,10 +424,17 @@ def saga(
     *,
     name: str | None = None,
     timeout: float | timedelta | None = None,
+    stuck_after: float | timedelta | None = None,
 ) -> Any:
     """Declare a saga: ``async def f(ctx: SagaContext, ...)`` or ``def f(ctx: SyncSagaContext,
-    ...)``. ``timeout`` is the default deadline of each run, from its start."""
-    decorator = _SagaDecorator(name=name, timeout=seconds(timeout, "timeout"))
+    ...)``. ``timeout`` is the default deadline of each run, from its start. ``stuck_after``:
+    a run that has not ended and made no progress for this long is flagged as stuck by
+    ``storno stuck``, the dashboard and the metrics (default one hour)."""
+    decorator = _SagaDecorator(
+        name=name,
+        timeout=seconds(timeout, "timeout"),
+        stuck_after=seconds(stuck_after, "stuck_after"),
+    )
     return decorator(fn) if fn is not None else decorator
 
 
@@ -424,6 +442,7 @@ def saga(
 class _SagaDecorator:
     name: str | None
     timeout: float | None
+    stuck_after: float | None = None
 
     @overload
     def __call__(
@@ -435,4 +454,6 @@ class _SagaDecorator:
 
     def __call__(self, fn: Callable[..., Any]) -> Saga[..., Any]:
         _require_context_parameter(fn, "saga", "SagaContext")
-        return Saga(fn, name=self.name or fn.__name__, timeout=self.timeout)
+        return Saga(
+            fn, name=self.name or fn.__name__, timeout=self.timeout, stuck_after=self.stuck_after
+        )

@@ -1,0 +1,240 @@
+"""The API's request and response bodies, which also make its OpenAPI document."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ApproveRequest",
+    "CancelRequest",
+    "ErrorBody",
+    "ErrorResponse",
+    "Health",
+    "Identifier",
+    "ActionResult",
+    "RejectRequest",
+    "ResolveRequest",
+    "RetryRequest",
+    "RunList",
+    "RunSummary",
+    "RunDetail",
+    "SignalRequest",
+    "SignalResult",
+    "StartPlanRequest",
+    "StartRunRequest",
+    "StartResult",
+    "Stats",
+    "StuckList",
+    "check_identifier",
+    "check_text",
+]
+
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+_SURROGATES = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def check_identifier(value: str, what: str = "value") -> str:
+    """A run id, saga or signal name: 1-200 printable characters."""
+    if not value or len(value) > 200:
+        raise ValueError(f"{what} must be 1 to 200 characters, got {len(value)}")
+    if _BAD_CHARS.search(value):
+        raise ValueError(f"{what} holds control characters or invalid Unicode")
+    return value
+
+
+def check_text(value: str) -> str:
+    """Free text (a note, a reason): no NUL and valid Unicode."""
+    if _SURROGATES.search(value):
+        raise ValueError("text holds NUL characters or invalid Unicode")
+    return value
+
+
+Identifier = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_identifier)]
+Text = Annotated[str, Field(max_length=4000), AfterValidator(check_text)]
+Actor = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_identifier)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    type: str = Field(description="A stable, machine-readable name of the problem.")
+    message: str = Field(description="What was wrong and what to do about it.")
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+class StartRunRequest(_Body):
+    saga: Identifier = Field(description="Name of a saga registered in the served application.")
+    args: list[Any] = Field(default_factory=list, description="Positional arguments (JSON).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
+    run_id: Identifier | None = Field(
+        default=None,
+        description="Choose the run id: starting an existing id returns that run (idempotent); "
+        "with another saga or input it is refused with 409.",
+    )
+    timeout: float | None = Field(default=None, gt=0, le=1e9, description="Deadline, seconds.")
+    start_delay: float | None = Field(default=None, gt=0, le=1e9, description="Start later.")
+    start_at: datetime | None = Field(default=None, description="Start at (with a time zone).")
+
+
+class StartPlanRequest(_Body):
+    plan: dict[str, Any] | list[Any] = Field(
+        description='A plan: {"steps": [{"step": NAME, "args": [...], "kwargs": {...}}]} or '
+        "the list of steps."
+    )
+    run_id: Identifier | None = None
+    timeout: float | None = Field(default=None, gt=0, le=1e9)
+
+
+class SignalRequest(_Body):
+    data: Any = Field(default=None, description="The signal's JSON data.")
+    id: Identifier | None = Field(
+        default=None, description="A repeated id is stored once (duplicate delivery)."
+    )
+
+
+class ApproveRequest(_Body):
+    note: Text | None = None
+    by: Actor | None = Field(default=None, description="Who decided; default the token's name.")
+
+
+class RejectRequest(_Body):
+    reason: Annotated[Text, Field(min_length=1)]
+    by: Actor | None = None
+
+
+class CancelRequest(_Body):
+    reason: Annotated[Text, Field(min_length=1)]
+    by: Actor | None = None
+
+
+class RetryRequest(_Body):
+    note: Text | None = None
+    by: Actor | None = None
+
+
+class ResolveRequest(_Body):
+    note: Annotated[Text, Field(min_length=1)] = Field(description="What was done by hand.")
+    by: Actor | None = None
+
+
+class CompensationModel(BaseModel):
+    status: str
+    attempts: int
+    idempotency_key: str
+    error: dict[str, Any] | None
+
+
+class StepModel(BaseModel):
+    position: int
+    name: str
+    kind: str
+    status: str
+    attempts: int
+    idempotency_key: str
+    outcome_unknown: bool
+    verified: list[bool]
+    args: Any
+    result: Any
+    error: dict[str, Any] | None
+    started_at: str | None
+    ended_at: str | None
+    child_run_id: str | None
+    compensation: CompensationModel | None
+
+
+class HistoryEventModel(BaseModel):
+    seq: int
+    type: str
+    at: str | None
+    position: int | None
+    data: dict[str, Any]
+    value: Any
+
+
+class RunSummary(BaseModel):
+    id: str
+    saga: str
+    status: str
+    created_at: str | None
+    updated_at: str | None
+    deadline: str | None
+    input: Any
+    result: Any
+    error: dict[str, Any] | None
+    owner: str | None
+    wake_at: str | None
+    parent_run_id: str | None
+    state: dict[str, Any]
+    stuck: bool = False
+
+
+class RunDetail(RunSummary):
+    steps: list[StepModel]
+    history: list[HistoryEventModel]
+    stuck_reason: str | None = None
+
+
+class RunList(BaseModel):
+    runs: list[RunSummary]
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="Offset of the next page; null on the last.")
+
+
+class StartResult(BaseModel):
+    run: RunSummary
+    created: bool = Field(description="False when the run id existed (idempotent start).")
+
+
+class SignalResult(BaseModel):
+    run_id: str
+    signal: str
+    delivered: str = Field(description="new, or duplicate when the id was stored before.")
+    id: str | None = None
+
+
+class ActionResult(BaseModel):
+    run_id: str
+    action: str
+    by: str
+    run: RunSummary
+
+
+class QueryResult(BaseModel):
+    run_id: str
+    name: str | None
+    value: Any
+
+
+class Stats(BaseModel):
+    total: int
+    by_status: dict[str, int]
+    by_saga: dict[str, dict[str, int]]
+    dead_letters: int
+    stuck: int
+    taken_at: str
+
+
+class StuckRunModel(RunSummary):
+    stuck_reason: str
+    stuck_threshold_seconds: float
+
+
+class StuckList(BaseModel):
+    runs: list[StuckRunModel]
+    older_than: float | None
