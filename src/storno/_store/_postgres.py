@@ -921,15 +921,22 @@ class PostgresStore(Store):
         only = " AND saga = ANY(%(sagas)s::text[])" if sagas is not None else ""
         if exclude:
             only += " AND NOT (run_id = ANY(%(skip)s::text[]))"
-        # SKIP LOCKED: rows another claimer has locked are passed over, not waited for, so
-        # concurrent claimers split the due runs between them and never share one.
+        # Each kind of due run is read through its own status index, oldest first, so a
+        # claim touches due runs only, never the finished ones beside them. SKIP LOCKED: rows
+        # another claimer has locked are passed over, not waited for, so concurrent claimers
+        # split the due runs between them and never share one.
+        lock = "LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
         sql = (
-            f"WITH due AS (SELECT run_id FROM {self._runs} "
-            "WHERE ((status = 'pending' AND (wake_at IS NULL OR wake_at <= %(now)s)) "
-            "    OR (status = 'waiting' AND wake_at <= %(now)s) "
-            "    OR (status IN ('running', 'compensating') "
-            f"        AND (lease_expires_at < %(now)s OR (%(own)s AND owner = %(owner)s)))){only} "
-            "ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+            f"WITH pending AS (SELECT run_id, created_at FROM {self._runs} "
+            f"WHERE status = 'pending' AND (wake_at IS NULL OR wake_at <= %(now)s){only} "
+            f"ORDER BY created_at {lock}), "
+            f"woken AS (SELECT run_id, created_at FROM {self._runs} "
+            f"WHERE status = 'waiting' AND wake_at <= %(now)s{only} ORDER BY wake_at {lock}), "
+            f"expired AS (SELECT run_id, created_at FROM {self._runs} "
+            "WHERE status IN ('running', 'compensating') "
+            f"AND (lease_expires_at < %(now)s OR (%(own)s AND owner = %(owner)s)){only} {lock}), "
+            "due AS (SELECT run_id FROM (SELECT * FROM pending UNION ALL SELECT * FROM woken "
+            "UNION ALL SELECT * FROM expired) AS d ORDER BY created_at LIMIT %(limit)s) "
             f"UPDATE {self._runs} AS r SET owner = %(owner)s, epoch = r.epoch + 1, "
             "lease_expires_at = %(expires)s, updated_at = %(now)s, wake_at = NULL, "
             "status = CASE WHEN r.status IN ('pending', 'waiting') THEN 'running' "
