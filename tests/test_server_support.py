@@ -119,6 +119,11 @@ async def conference(ctx: storno.SagaContext, guests: list[str]) -> list[str]:
 SAGAS = [booking, approval, shipment, lodging, conference]
 
 
+@storno.saga
+async def orphan(ctx: storno.SagaContext) -> None:
+    """A saga the served application does not know: its runs wait for another worker."""
+
+
 # --- a server on loopback ---------------------------------------------------------------------
 
 
@@ -143,10 +148,16 @@ class Served:
 
 @contextlib.contextmanager
 def serving(
-    db_url: str, *, token_store: TokenStore | None = None, **options: Any
+    db_url: str,
+    *,
+    token_store: TokenStore | None = None,
+    app_options: dict[str, Any] | None = None,
+    **options: Any,
 ) -> Iterator[Served]:
     """The server on a free loopback port, with a worker, until the block ends."""
-    app = storno.Storno(db_url, sagas=SAGAS, steps=[book_slot, send_sms])
+    PROVIDER.clear()
+    LOST_ANSWER.clear()
+    app = storno.Storno(db_url, sagas=SAGAS, steps=[book_slot, send_sms], **(app_options or {}))
     options.setdefault("worker", True)
     options.setdefault("worker_options", {"poll_interval": 0.05})
     options.setdefault("stats_ttl", 0)
@@ -223,9 +234,10 @@ def make_old_run(db_url: str, saga: str, run_id: str, age: float, **options: Any
     """A pending run created ``age`` seconds ago, by a process with no worker."""
 
     async def go() -> None:
-        known = {s.name: s for s in SAGAS}
-        async with storno.Storno(db_url, sagas=SAGAS, clock=PastClock(age)) as app:
-            await app.start(known[saga].options(run_id=run_id, **options), *options.pop("args", []))
+        known = {s.name: s for s in [*SAGAS, orphan]}
+        args = options.pop("args", [])
+        async with storno.Storno(db_url, clock=PastClock(age)) as app:
+            await app.start(known[saga].options(run_id=run_id, **options), *args)
 
     asyncio.run(go())
 
