@@ -149,6 +149,8 @@ def test_every_bad_input_gets_a_named_4xx(db_url: str):
         error_of(c.get("/api/v1/runs/a%01b"), 422, "invalid_run_id")
         error_of(c.get("/api/v1/runs", params={"status": "bogus"}), 422, "validation_error")
         error_of(c.get("/api/v1/runs", params={"limit": 0}), 422, "validation_error")
+        typo = c.get("/api/v1/runs", params={"stauts": "waiting"})
+        assert "'stauts'" in error_of(typo, 422, "unknown_parameter")
         error_of(c.get("/api/v1/nowhere"), 404, "not_found")
         error_of(c.delete("/api/v1/runs"), 405, "method_not_allowed")
 

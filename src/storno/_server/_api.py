@@ -58,12 +58,37 @@ def _err(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
 
 
+async def known_query(request: Request) -> None:
+    """Refuse query parameters the operation does not take (a typo must not be ignored)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known: set[str] = set()
+    stack = [dependant]
+    while stack:
+        current = stack.pop()
+        known.update(param.alias for param in getattr(current, "query_params", []))
+        stack.extend(getattr(current, "dependencies", []))
+    unknown = sorted({key for key in request.query_params if key not in known})
+    if unknown:
+        allowed = ", ".join(sorted(known)) or "none"
+        raise ApiError(
+            422,
+            "unknown_parameter",
+            f"unknown query parameter(s) {', '.join(map(repr, unknown))}; this operation "
+            f"takes: {allowed}",
+        )
+
+
 AUTH = (401, 403)
 _STARTED: dict[int | str, dict[str, Any]] = {
     200: {"model": StartResult, "description": "The run id existed: that run, unchanged"},
     **_err(401, 403, 409),
 }
-router = APIRouter(prefix="/api/v1", responses=_err(400, 413, 422))
+router = APIRouter(
+    prefix="/api/v1", responses=_err(400, 413, 422), dependencies=[Depends(known_query)]
+)
 
 
 def state_of(request: Request) -> ServerState:
@@ -497,7 +522,9 @@ async def stats(request: Request, principal: Reader) -> dict[str, Any]:
 
 # --- webhooks ------------------------------------------------------------------------------
 
-webhook_router = APIRouter(prefix="/api/v1", responses=_err(400, 413, 422))
+webhook_router = APIRouter(
+    prefix="/api/v1", responses=_err(400, 413, 422), dependencies=[Depends(known_query)]
+)
 
 EVENT_ID_HEADERS = (
     "idempotency-key",
