@@ -16,6 +16,7 @@ import functools
 import inspect
 import json
 import logging
+import random
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -122,8 +123,6 @@ class RunExecution:
     """One run driven forward (or back) by one worker under one lease."""
 
     def __init__(self, host: EngineHost, record: RunRecord, lease: Lease, history: list[Event]):
-        import random as _random
-
         self.host = host
         self.record = record
         self.lease = lease
@@ -136,7 +135,6 @@ class RunExecution:
         self.park_error: DeterminismError | None = None
         self.lease_lost = False
         self.released = False  # the run's lease was given up: it ended, parked or suspended
-        self.rng = _random.Random()
         # The step objects the body called, with any call-site overrides: compensation uses
         # them first, and looks steps up by name only when the body did not run this time.
         self.steps_used: dict[int, Step[..., Any]] = {}
@@ -154,6 +152,11 @@ class RunExecution:
                 EventType.RUN_RESUMED,
                 data={"worker": lease.owner, "epoch": lease.epoch, "status": record.status.value},
             )
+
+    @functools.cached_property
+    def rng(self) -> random.Random:
+        """Jitter and ``ctx.random()``; made on first use (seeding costs two system calls)."""
+        return random.Random()
 
     # --- the journal -------------------------------------------------------------------
 
