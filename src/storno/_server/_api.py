@@ -7,6 +7,7 @@ token's name beside it), never under the token.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,6 @@ from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from storno import __version__
-from storno._app import Storno
 from storno._errors import ConfigurationError, RunNotFoundError
 from storno._model import RunStatus
 from storno._plan import PLAN_SAGA
@@ -219,11 +219,16 @@ async def list_runs(
     }
 
 
-def _saga_for(app: Storno, name: str) -> Any:
+def _saga_for(server: ServerState, name: str) -> Any:
+    """The saga as declared, without the run id or schedule of an earlier start."""
+    app = server.app
     if name == PLAN_SAGA.name:
         raise ApiError(422, "unknown_saga", "start plans with POST /api/v1/plans")
+    declared = server.sagas.get(name)
+    if declared is not None:
+        return declared
     try:
-        return app.find_saga(name)
+        found = copy.copy(app.find_saga(name))
     except ConfigurationError:
         known = ", ".join(n for n in app.saga_names if n != PLAN_SAGA.name) or "none"
         raise ApiError(
@@ -232,6 +237,8 @@ def _saga_for(app: Storno, name: str) -> Any:
             f"saga {name!r} is not registered with the served application (registered: "
             f"{known}); serve the application with `storno serve --app MODULE:ATTR`",
         ) from None
+    found.run_id, found.start_at, found.start_delay = None, None, None
+    return found
 
 
 @router.post(
@@ -248,7 +255,7 @@ async def start_run(
     returns the existing run (200), never a second one; another saga or input is a 409."""
     server = state_of(request)
     app = server.app
-    saga = _saga_for(app, body.saga)
+    saga = _saga_for(server, body.saga)
     try:
         inspect.signature(saga.fn).bind(None, *body.args, **body.kwargs)
     except TypeError as exc:

@@ -74,6 +74,10 @@ def create_app(
         run_worker=worker,
         worker_options=dict(worker_options or {}),
     )
+    # Saga objects as declared: Storno.start() registers the options() copy it is given
+    # (run id and all), so find_saga() may later return a copy bound to an old run id.
+    for name in app.saga_names:
+        state.sagas[name] = app.find_saga(name)
     state.listeners.append(metrics.events)
     if event_log:
         state.listeners.append(EventLog())

@@ -25,3 +25,4 @@ class ServerState:
     run_worker: bool = False
     worker_options: dict[str, Any] = field(default_factory=dict)
     listeners: list[Any] = field(default_factory=list)
+    sagas: dict[str, Any] = field(default_factory=dict)  # as declared, before any start
