@@ -25,7 +25,7 @@ pytest.importorskip("fastapi", reason="the server tests need the storno[server] 
 import httpx
 import uvicorn
 
-from storno._server import TokenStore, create_app
+from storno._server import TokenStore, create_app, trace_headers
 from storno._server._auth import Role
 
 OPERATOR_TOKEN = "op-token-0123456789abcdef"
@@ -58,8 +58,12 @@ def refund_card(ctx: storno.CompensationContext[str], customer: str, amount: int
         raise storno.TerminalError("refund API is down")
 
 
+TRACE_HEADERS: dict[str, dict[str, str]] = {}  # what step code would send along, by run
+
+
 @storno.step(kind="compensable")
 def book_slot(ctx: storno.StepContext, customer: str) -> str:
+    TRACE_HEADERS[ctx.run_id] = trace_headers(ctx)
     return f"slot for {customer}"
 
 
