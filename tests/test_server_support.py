@@ -318,3 +318,8 @@ def test_stuck_rule():
     for ended in ("completed", "compensated", "compensation_failed", "needs_attention"):
         assert stuck_reason(run(ended, 0), now, 60) is None
     assert stuck_reason(run("running", now - 30), now, 3600, fixed=10) is not None
+
+
+def serve_app() -> storno.Storno:
+    """The application ``storno serve --app test_server_support:serve_app`` serves."""
+    return storno.Storno(sagas=SAGAS, steps=[book_slot, send_sms])

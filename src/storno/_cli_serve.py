@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,29 @@ def _app_for(app_ref: str | None, url: str, url_given: bool) -> Storno:
     if url_given:
         app.url, app.store = url, open_store(url)
     return app
+
+
+def _graceful_server() -> type[Any]:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """Stops on SIGINT/SIGTERM (a second one forces it) and exits 0, like `storno worker`."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            def stop(signum: int, frame: Any) -> None:
+                if self.should_exit:
+                    self.force_exit = True
+                self.should_exit = True
+
+            previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
 
 
 @click.command(short_help="Serve the HTTP API, webhooks, dashboard and metrics.")
@@ -148,10 +174,11 @@ def serve(
     )
     import uvicorn
 
+    server_class = _graceful_server()
     config = uvicorn.Config(
         api, host=host, port=port, log_config=None, access_log=False, lifespan="on"
     )
-    server = uvicorn.Server(config)
+    server = server_class(config)
     roles = "open on loopback" if tokens.open else f"{len(tokens.tokens)} token(s)"
     log.info(
         "serving %s on http://%s:%d (%s; dashboard /ui/, API /api/v1, OpenAPI /openapi.json)",

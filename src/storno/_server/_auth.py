@@ -88,14 +88,15 @@ class TokenStore:
     def add(self, token: str, role: Role, name: str | None = None, *, source: str = "") -> None:
         token = token.strip()
         where = f" in {source}" if source else ""
+        what = {Role.OPERATE: "an operator", Role.READ: "a read-only", Role.WEBHOOK: "a webhook"}
         if len(token) < MIN_TOKEN_LENGTH:
             raise ConfigurationError(
-                f"a {role.value} token{where} is {len(token)} characters long; use at least "
+                f"{what[role]} token{where} is {len(token)} characters long; use at least "
                 f"{MIN_TOKEN_LENGTH} random characters (e.g. `python -c 'import secrets; "
                 f"print(secrets.token_urlsafe(32))'`)"
             )
         if any(c.isspace() or not c.isprintable() for c in token):
-            raise ConfigurationError(f"a {role.value} token{where} holds spaces or control chars")
+            raise ConfigurationError(f"{what[role]} token{where} holds spaces or control chars")
         digest = _digest(token)
         if name is None:
             name = f"{role.value}-{digest[:8]}"
