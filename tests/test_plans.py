@@ -167,3 +167,16 @@ def test_validate_plan_is_usable_without_a_store():
         storno.validate_plan(plan, by_name.get)
     good = storno.Plan([storno.PlanStep("book_slot", ["x"]), storno.PlanStep("confirm")])
     assert storno.validate_plan(good, by_name.get) == [book_slot, confirm]
+
+
+async def test_starting_with_options_keeps_the_declared_saga_registered(db_url: str) -> None:
+    @storno.saga
+    async def hello(ctx: storno.SagaContext) -> str:
+        return "hi"
+
+    async with storno.Storno(db_url, sagas=[hello]) as app, app.worker():
+        first = await app.start(hello.options(run_id="fixed-id"))
+        await first.result(timeout=5)
+        again = await app.start(app.find_saga("hello"))
+        assert again.run_id != "fixed-id"
+        assert app.find_saga("hello") is hello

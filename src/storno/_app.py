@@ -117,6 +117,7 @@ class Storno:
         """Make sagas runnable by this application's workers, and steps usable in plans."""
         for item in items:
             if isinstance(item, Saga):
+                item = item.declared  # a per-start options() copy must not replace it
                 table: dict[str, Any] = self._sagas
             elif isinstance(item, Step):
                 table = self._steps

@@ -355,6 +355,8 @@ class Saga(Generic[P, R]):
         self.start_at: float | None = None
         self.start_delay: float | None = None
         self.is_async = inspect.iscoroutinefunction(fn)
+        # The saga as declared, without per-start options: what an application registers.
+        self.declared: Saga[P, R] = self
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -375,6 +377,7 @@ class Saga(Generic[P, R]):
         Starting the same run id again returns the existing run, never a second one.
         """
         clone = copy.copy(self)
+        clone.declared = self.declared
         if start_at is not None and start_delay is not None:
             raise ConfigurationError("give start_at or start_delay, not both")
         if start_at is not None:

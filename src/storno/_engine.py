@@ -11,6 +11,7 @@ outcome unknown, which the engine handles anyway (rule 3).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -581,7 +582,8 @@ class RunExecution:
             pending: Any = fn(context, *args, **kwargs)
         else:
             loop = asyncio.get_running_loop()
-            call = functools.partial(fn, context, *args, **kwargs)
+            # Context variables (a trace's current span, say) reach the step's thread too.
+            call = functools.partial(contextvars.copy_context().run, fn, context, *args, **kwargs)
             pending = loop.run_in_executor(self.host.step_executor, call)
         result = await asyncio.wait_for(pending, timeout) if timeout else await pending
         if inspect.isawaitable(result):
