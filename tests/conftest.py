@@ -34,7 +34,6 @@ _SKIP_NO_URL = (
 )
 
 # SQLite-only tests in modules that do not mark them: they open the SQLite file by its path.
-_SQLITE_ONLY_TESTS = frozenset({"test_history_cannot_be_changed_or_deleted"})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -68,10 +67,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "db_backend" not in metafunc.fixturenames:
         return
     backends = _selected(metafunc.config)
-    sqlite_only = (
-        metafunc.definition.get_closest_marker("sqlite_only") is not None
-        or metafunc.function.__name__ in _SQLITE_ONLY_TESTS
-    )
+    sqlite_only = metafunc.definition.get_closest_marker("sqlite_only") is not None
     if sqlite_only:
         backends = [b for b in backends if b == "sqlite"]
     if metafunc.definition.get_closest_marker("postgres") is not None:

@@ -385,6 +385,7 @@ async def test_compensable_step_without_compensation_is_refused(db_url: str):
             await app.run(s)
 
 
+@pytest.mark.sqlite_only
 async def test_history_cannot_be_changed_or_deleted(db_url: str, tmp_path: Path):
     @storno.step(kind="retryable")
     def one(ctx: storno.StepContext) -> int:

@@ -48,7 +48,8 @@ async def test_sleep_releases_the_run_and_wakes_it_on_time(db_url: str) -> None:
         await wait_for(
             lambda: _is(app, handle.run_id, storno.RunStatus.WAITING), timeout=5, interval=0.005
         )
-        assert worker.active_runs == []  # a waiting run holds no task in the worker
+        # A waiting run holds no task in the worker (its task ends just after the write).
+        await wait_for(lambda: _none(worker.active_runs))
         record = await app.store.get_run(handle.run_id)
         assert record is not None and record.owner is None and record.wake_at is not None
         await handle.result(timeout=5)
@@ -60,6 +61,10 @@ async def test_sleep_releases_the_run_and_wakes_it_on_time(db_url: str) -> None:
     timer = next(e for e in info.history if e.type == "timer_started")
     assert woke >= timer.data["until"]  # never before the wake time
     assert timer.data["until"] - timer.at == pytest.approx(0.3, abs=0.05)
+
+
+async def _none(items: list[str]) -> bool:
+    return not items
 
 
 async def _is(app: storno.Storno, run_id: str, status: storno.RunStatus) -> bool:

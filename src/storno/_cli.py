@@ -25,6 +25,8 @@ from storno._demo import STEP_NAMES, render_ledgers, run_demo
 from storno._errors import StornoError
 from storno._model import Event, Lease, RunRecord, RunStatus
 from storno._store import open_store
+from storno._store._migrations import redact
+from storno._store._postgres import PostgresStore
 from storno._store._sqlite import SQLiteStore
 from storno._views import HistoryEvent, RunInfo
 from storno._worker import Worker
@@ -186,13 +188,27 @@ _db_option = click.option(
 
 
 def _existing(url: str) -> Storno:
-    """An application for reading runs; refuses to create a database that is not there."""
+    """An application for reading runs; refuses to create a database file that is not there
+    (:func:`_opened` also checks a PostgreSQL schema)."""
     app = Storno(url)
     if isinstance(app.store, SQLiteStore) and not app.store.path.exists():
         raise click.ClickException(
-            f"no storno database at {str(app.store.path)!r} (from --db {url}); pass the --db "
-            f"URL your application uses, or create one with `storno demo`"
+            f"no storno database at {str(app.store.path)!r} (from --db {redact(url)}); pass "
+            f"the --db URL your application uses, or create one with `storno demo`"
         )
+    return app
+
+
+async def _opened(url: str) -> Storno:
+    """:func:`_existing`, opened, after checking that a PostgreSQL URL names a storno schema
+    (opening would create a mistyped one)."""
+    app = _existing(url)
+    if isinstance(app.store, PostgresStore) and not (await app.store.schema_status()).exists:
+        raise click.ClickException(
+            f"no storno tables at {redact(url)}; pass the --db URL your application uses, or "
+            f"create them with `storno db upgrade`"
+        )
+    await app.open()
     return app
 
 
@@ -300,7 +316,7 @@ async def _work(app: Storno, concurrency: int, worker_id: str | None, poll: floa
         )
         await worker.start()
         names = ", ".join(app.saga_names) or "none: it will claim nothing"
-        log.info("worker %s started on %s (sagas: %s)", worker.id, app.url, names)
+        log.info("worker %s started on %s (sagas: %s)", worker.id, redact(app.url), names)
         await stop.wait()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)  # a second signal ends the process at once
@@ -362,7 +378,7 @@ def list_(status: str | None, saga: str | None, limit: int, as_json: bool, url: 
     """List runs, newest first."""
 
     async def fetch() -> list[RunInfo]:
-        async with _existing(url) as app:
+        async with await _opened(url) as app:
             return await app.list_runs(status=status, saga=saga, limit=limit)
 
     runs = asyncio.run(fetch())
@@ -386,7 +402,7 @@ def show(run_id: str, as_json: bool, url: str) -> None:
     """Show a run's timeline: steps, attempts, keys, unknown outcomes, compensations."""
 
     async def fetch() -> RunInfo:
-        async with _existing(url) as app:
+        async with await _opened(url) as app:
             return await app.describe(run_id)
 
     info = asyncio.run(fetch())

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from storno._app import Storno
-from storno._cli import _db_option, _echo_json, _existing, _summary, _ts
+from storno._cli import _db_option, _echo_json, _opened, _summary, _ts
 
 __all__ = ["COMMANDS"]
 
@@ -37,7 +37,7 @@ _by_option = click.option(
 
 def _with_app(url: str, action: Callable[[Storno], Awaitable[T]]) -> T:
     async def go() -> T:
-        async with _existing(url) as app:
+        async with await _opened(url) as app:
             return await action(app)
 
     return asyncio.run(go())

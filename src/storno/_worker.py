@@ -86,6 +86,8 @@ class Worker:
         if self._loops:
             return
         await self.app.open()
+        # Another process may make work available (PostgreSQL NOTIFY); SQLite polls.
+        self.app.store.subscribe(self.wake)
         self._stopping = False
         self._inheriting = True
         await self._claim()
