@@ -142,6 +142,11 @@ class Storno:
             names.append(PLAN_SAGA.name)
         return names
 
+    @property
+    def saga_limits(self) -> dict[str, int]:
+        """``max_concurrent`` of the registered sagas that have one, by name."""
+        return {n: s.max_concurrent for n, s in self._sagas.items() if s.max_concurrent}
+
     def find_saga(self, name: str) -> Saga[..., Any]:
         if name == PLAN_SAGA.name:
             return PLAN_SAGA
@@ -322,7 +327,10 @@ class Storno:
         event = Event(0, EventType.RUN_CREATED, now, None, data, text)
         new = NewRun(run_id, saga.name, text, now, deadline, event, wake_at=start_at)
         scheduled = start_at is not None
-        worker = None if scheduled else next((w for w in self._workers if w.try_reserve()), None)
+        # A capped saga's runs are always claimed, so that the claim counts them against the
+        # limit; others are leased to a local worker as they are created.
+        direct = not scheduled and not saga.max_concurrent
+        worker = next((w for w in self._workers if w.try_reserve()), None) if direct else None
         try:
             record, created = await self.store.create_run(
                 new, claim_for=worker.id if worker else None, lease_seconds=self.lease_seconds

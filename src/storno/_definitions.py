@@ -346,8 +346,15 @@ class Saga(Generic[P, R]):
         timeout: float | None,
         run_id: str | None = None,
         stuck_after: float | None = None,
+        max_concurrent: int | None = None,
     ) -> None:
+        if max_concurrent is not None and max_concurrent < 1:
+            raise ConfigurationError(
+                f"max_concurrent of saga {name!r} must be at least 1 (or None for no limit), "
+                f"got {max_concurrent}"
+            )
         self.fn = fn
+        self.max_concurrent = max_concurrent
         self.name = name
         self.timeout = timeout
         self.run_id = run_id
@@ -419,6 +426,7 @@ def saga(
     name: str | None = ...,
     timeout: float | timedelta | None = ...,
     stuck_after: float | timedelta | None = ...,
+    max_concurrent: int | None = ...,
 ) -> _SagaDecorator: ...
 
 
@@ -428,15 +436,19 @@ def saga(
     name: str | None = None,
     timeout: float | timedelta | None = None,
     stuck_after: float | timedelta | None = None,
+    max_concurrent: int | None = None,
 ) -> Any:
     """Declare a saga: ``async def f(ctx: SagaContext, ...)`` or ``def f(ctx: SyncSagaContext,
     ...)``. ``timeout`` is the default deadline of each run, from its start. ``stuck_after``:
     a run that has not ended and made no progress for this long is flagged as stuck by
-    ``storno stuck``, the dashboard and the metrics (default one hour)."""
+    ``storno stuck``, the dashboard and the metrics (default one hour). ``max_concurrent``:
+    at most this many runs of the saga execute at once across all workers sharing the
+    database (waiting runs do not count)."""
     decorator = _SagaDecorator(
         name=name,
         timeout=seconds(timeout, "timeout"),
         stuck_after=seconds(stuck_after, "stuck_after"),
+        max_concurrent=max_concurrent,
     )
     return decorator(fn) if fn is not None else decorator
 
@@ -446,6 +458,7 @@ class _SagaDecorator:
     name: str | None
     timeout: float | None
     stuck_after: float | None = None
+    max_concurrent: int | None = None
 
     @overload
     def __call__(
@@ -458,5 +471,9 @@ class _SagaDecorator:
     def __call__(self, fn: Callable[..., Any]) -> Saga[..., Any]:
         _require_context_parameter(fn, "saga", "SagaContext")
         return Saga(
-            fn, name=self.name or fn.__name__, timeout=self.timeout, stuck_after=self.stuck_after
+            fn,
+            name=self.name or fn.__name__,
+            timeout=self.timeout,
+            stuck_after=self.stuck_after,
+            max_concurrent=self.max_concurrent,
         )

@@ -165,7 +165,8 @@ class Worker:
         def done(_: asyncio.Task[None]) -> None:
             if self._tasks.get(record.run_id) is task:
                 del self._tasks[record.run_id]
-            if self._saturated:
+            if self._saturated or self.app.saga_limits:
+                # Free slots, or room under a saga's limit: runs may be waiting for either.
                 self._wake.set()
 
         task.add_done_callback(done)
@@ -201,6 +202,7 @@ class Worker:
             sagas=self.app.saga_names,
             include_own=inheriting,
             exclude=list(self._tasks) if inheriting else (),
+            limits=self.app.saga_limits,
         )
         self._saturated = len(claimed) == free
         if inheriting and not self._saturated:

@@ -8,7 +8,7 @@ under, and the store refuses it if another worker has claimed the run since.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +166,7 @@ class Store(abc.ABC):
         sagas: Sequence[str] | None = None,
         include_own: bool = False,
         exclude: Sequence[str] = (),
+        limits: Mapping[str, int] | None = None,
     ) -> list[tuple[RunRecord, Lease]]:
         """Lease up to ``limit`` runs that are due: pending (and past any scheduled start),
         waiting with a wake time that has come, or running/compensating with an expired lease.
@@ -176,6 +177,10 @@ class Store(abc.ABC):
         ``include_own`` also takes runs still leased to ``owner`` except those in ``exclude``
         (the ones it already executes): a restarted worker with a stable id resumes its dead
         predecessor's runs at once instead of waiting for their leases to expire.
+
+        ``limits`` caps, per saga name, how many runs of that saga all workers together may
+        execute at once (running or compensating under a live lease): the claim counts them
+        and takes only what is left, atomically with respect to every other claimer.
         """
 
     @abc.abstractmethod

@@ -32,7 +32,7 @@ import random
 import re
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -143,6 +143,11 @@ def parse_postgres_url(url: str) -> tuple[str, str, int]:
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def _limit_key(schema: str, saga: str) -> int:
+    """The advisory lock under which claimers count and claim a capped saga's runs."""
+    return zlib.crc32(f"storno.limit:{schema}:{saga}".encode())
 
 
 def _lock_key(schema: str) -> int:
@@ -915,18 +920,66 @@ class PostgresStore(Store):
         sagas: Sequence[str] | None = None,
         include_own: bool = False,
         exclude: Sequence[str] = (),
+        limits: Mapping[str, int] | None = None,
     ) -> list[tuple[RunRecord, Lease]]:
         if limit <= 0 or (sagas is not None and not sagas):
             return []
+        capped = {n: c for n, c in (limits or {}).items() if sagas is None or n in sagas}
+        free = [n for n in sagas if n not in capped] if sagas is not None else None
+        params = {
+            "owner": owner,
+            "now": now,
+            "expires": now + lease_seconds,
+            "own": include_own,
+            "skip": list(exclude),
+        }
+
+        async def op(conn: Connection, attempt: int) -> list[tuple[RunRecord, Lease]]:
+            cur = conn.cursor(row_factory=dict_row)
+            rows: list[dict[str, Any]] = []
+            async with conn.transaction():
+                if free is None or free:
+                    sql = self._claim_sql(free, list(capped), bool(exclude))
+                    await cur.execute(sql, {**params, "sagas": free, "not_sagas": list(capped)})
+                    rows += await cur.fetchall()
+                for name, cap in sorted(capped.items()):
+                    # One claimer at a time counts and claims a capped saga's runs, across
+                    # every worker; the lock ends with the transaction.
+                    await cur.execute(
+                        "SELECT pg_advisory_xact_lock(%s)", (_limit_key(self.schema, name),)
+                    )
+                    await cur.execute(
+                        f"SELECT COUNT(*) AS n FROM {self._runs} WHERE saga = %s AND "
+                        "status IN ('running', 'compensating') AND lease_expires_at >= %s",
+                        (name, now),
+                    )
+                    counted = await cur.fetchone()
+                    room = min(cap - int(counted["n"] if counted else 0), limit - len(rows))
+                    if room > 0:
+                        sql = self._claim_sql([name], [], bool(exclude))
+                        await cur.execute(
+                            sql, {**params, "sagas": [name], "not_sagas": [], "limit": room}
+                        )
+                        rows += await cur.fetchall()
+            records = sorted((_record(r) for r in rows), key=lambda r: (r.created_at, r.run_id))
+            return [(r, Lease(r.run_id, owner, r.epoch)) for r in records]
+
+        params["limit"] = limit
+        return await self._op("claim", op)
+
+    def _claim_sql(self, sagas: list[str] | None, not_sagas: list[str], skip: bool) -> str:
+        """Lease up to %(limit)s due runs of ``sagas`` (any, if ``None``) but ``not_sagas``."""
         only = " AND saga = ANY(%(sagas)s::text[])" if sagas is not None else ""
-        if exclude:
+        if not_sagas:
+            only += " AND NOT (saga = ANY(%(not_sagas)s::text[]))"
+        if skip:
             only += " AND NOT (run_id = ANY(%(skip)s::text[]))"
         # Each kind of due run is read through its own status index, oldest first, so a
         # claim touches due runs only, never the finished ones beside them. SKIP LOCKED: rows
         # another claimer has locked are passed over, not waited for, so concurrent claimers
         # split the due runs between them and never share one.
         lock = "LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
-        sql = (
+        return (
             f"WITH pending AS (SELECT run_id, created_at FROM {self._runs} "
             f"WHERE status = 'pending' AND (wake_at IS NULL OR wake_at <= %(now)s){only} "
             f"ORDER BY created_at {lock}), "
@@ -943,25 +996,6 @@ class PostgresStore(Store):
             "ELSE r.status END "
             "FROM due WHERE r.run_id = due.run_id RETURNING r.*"
         )
-        params = {
-            "owner": owner,
-            "now": now,
-            "expires": now + lease_seconds,
-            "own": include_own,
-            "sagas": list(sagas or []),
-            "skip": list(exclude),
-            "limit": limit,
-        }
-
-        async def op(conn: Connection, attempt: int) -> list[tuple[RunRecord, Lease]]:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(sql, params)
-            records = sorted(
-                (_record(r) for r in await cur.fetchall()), key=lambda r: (r.created_at, r.run_id)
-            )
-            return [(r, Lease(r.run_id, owner, r.epoch)) for r in records]
-
-        return await self._op("claim", op)
 
     async def renew(
         self, owner: str, run_ids: Sequence[str], *, now: float, lease_seconds: float

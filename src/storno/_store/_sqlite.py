@@ -15,7 +15,7 @@ import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -308,6 +308,65 @@ def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
         future.set_result(value)
     else:
         future.set_exception(value)
+
+
+def _executing(conn: sqlite3.Connection, saga: str, now: float) -> int:
+    """Runs of a saga that a live worker holds right now (for concurrency limits)."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM storno_runs INDEXED BY storno_runs_by_status "
+        "WHERE status IN ('running', 'compensating') AND lease_expires_at >= ? AND +saga = ?",
+        (now, saga),
+    ).fetchone()
+    return int(row[0])
+
+
+def _claim_rows(
+    conn: sqlite3.Connection,
+    owner: str,
+    now: float,
+    lease_seconds: float,
+    include_own: bool,
+    skip: list[str],
+    limit: int,
+    sagas: list[str] | None,
+    not_sagas: list[str],
+) -> list[sqlite3.Row]:
+    """Lease up to ``limit`` due runs of these sagas (any, if ``None``) but ``not_sagas``."""
+    # "+saga" keeps the planner off the saga index: each branch below must walk its own
+    # status index, touching due runs only, never a saga's finished ones.
+    only, filters = "", [*(sagas or []), *not_sagas, *skip]
+    if sagas is not None:
+        only += f" AND +saga IN ({','.join('?' * len(sagas))})"
+    if not_sagas:
+        only += f" AND +saga NOT IN ({','.join('?' * len(not_sagas))})"
+    if skip:
+        only += f" AND run_id NOT IN ({','.join('?' * len(skip))})"
+    branches = (
+        "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_status_created"
+        f" WHERE status = 'pending' AND (wake_at IS NULL OR wake_at <= ?){only}"
+        " ORDER BY created_at LIMIT ?",
+        "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_wake"
+        f" WHERE status = 'waiting' AND wake_at <= ?{only} ORDER BY wake_at LIMIT ?",
+        "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_status"
+        " WHERE status IN ('running', 'compensating')"
+        f" AND (lease_expires_at < ? OR (? AND owner = ?)){only} LIMIT ?",
+    )
+    union = " UNION ALL ".join(f"SELECT * FROM ({b})" for b in branches)
+    sql = (
+        "UPDATE storno_runs SET owner = ?, epoch = epoch + 1, lease_expires_at = ?, "
+        " updated_at = ?, wake_at = NULL, "
+        " status = CASE WHEN status IN ('pending', 'waiting') THEN 'running' ELSE status END "
+        f"WHERE run_id IN (SELECT run_id FROM ({union}) ORDER BY created_at LIMIT ?) "
+        "RETURNING *"
+    )
+    params = (
+        *(owner, now + lease_seconds, now),
+        *(now, *filters, limit),
+        *(now, *filters, limit),
+        *(now, include_own, owner, *filters, limit),
+        limit,
+    )
+    return conn.execute(sql, params).fetchall()
 
 
 class SQLiteStore(Store):
@@ -603,46 +662,23 @@ class SQLiteStore(Store):
         sagas: Sequence[str] | None = None,
         include_own: bool = False,
         exclude: Sequence[str] = (),
+        limits: Mapping[str, int] | None = None,
     ) -> list[tuple[RunRecord, Lease]]:
         if limit <= 0 or (sagas is not None and not sagas):
             return []
-        names = list(sagas or [])
-        skip = list(exclude)
-        # "+saga" keeps the planner off the saga index: each branch below must walk its own
-        # status index, touching due runs only, never a saga's finished ones.
-        only = f" AND +saga IN ({','.join('?' * len(names))})" if sagas is not None else ""
-        if skip:
-            only += f" AND run_id NOT IN ({','.join('?' * len(skip))})"
-        branches = (
-            "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_status_created"
-            f" WHERE status = 'pending' AND (wake_at IS NULL OR wake_at <= ?){only}"
-            " ORDER BY created_at LIMIT ?",
-            "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_wake"
-            f" WHERE status = 'waiting' AND wake_at <= ?{only} ORDER BY wake_at LIMIT ?",
-            "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_status"
-            " WHERE status IN ('running', 'compensating')"
-            f" AND (lease_expires_at < ? OR (? AND owner = ?)){only} LIMIT ?",
-        )
-        union = " UNION ALL ".join(f"SELECT * FROM ({b})" for b in branches)
-        sql = (
-            "UPDATE storno_runs SET owner = ?, epoch = epoch + 1, lease_expires_at = ?, "
-            " updated_at = ?, wake_at = NULL, "
-            " status = CASE WHEN status IN ('pending', 'waiting') THEN 'running' ELSE status END "
-            f"WHERE run_id IN (SELECT run_id FROM ({union}) ORDER BY created_at LIMIT ?) "
-            "RETURNING *"
-        )
-        filters = (*names, *skip)
-        params = (
-            *(owner, now + lease_seconds, now),
-            *(now, *filters, limit),
-            *(now, *filters, limit),
-            *(now, include_own, owner, *filters, limit),
-            limit,
-        )
+        capped = {n: c for n, c in (limits or {}).items() if sagas is None or n in sagas}
+        free = [n for n in sagas if n not in capped] if sagas is not None else None
+        common = (owner, now, lease_seconds, include_own, list(exclude))
 
         def op(conn: sqlite3.Connection) -> list[tuple[RunRecord, Lease]]:
-            rows = conn.execute(sql, params).fetchall()
-            records = [_record(r) for r in rows]
+            rows: list[sqlite3.Row] = []
+            if free is None or free:
+                rows += _claim_rows(conn, *common, limit, free, list(capped))
+            for name, cap in sorted(capped.items()):
+                room = min(cap - _executing(conn, name, now), limit - len(rows))
+                if room > 0:
+                    rows += _claim_rows(conn, *common, room, [name], [])
+            records = sorted((_record(r) for r in rows), key=lambda r: (r.created_at, r.run_id))
             return [(r, Lease(r.run_id, owner, r.epoch)) for r in records]
 
         result: list[tuple[RunRecord, Lease]] = await self._write(op)
