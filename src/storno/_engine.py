@@ -18,7 +18,6 @@ import inspect
 import json
 import logging
 import random
-import traceback
 from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import UTC, datetime
@@ -26,11 +25,11 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 from storno import _faults
 from storno._clock import Clock
+from storno._compensation import compensate
 from storno._context import SagaContext, SyncSagaContext
 from storno._definitions import (
     NOT_APPLIED,
     UNKNOWN,
-    CompensationContext,
     NotApplied,
     Saga,
     Step,
@@ -45,6 +44,7 @@ from storno._errors import (
     StepFailedError,
     StoreError,
     TerminalError,
+    error_info,
 )
 from storno._history import StepState, fold
 from storno._model import (
@@ -56,7 +56,6 @@ from storno._model import (
     RetryPolicy,
     RunRecord,
     RunStatus,
-    compensation_key,
     forward_key,
 )
 from storno._serde import decode, describe, encode
@@ -66,10 +65,9 @@ from storno._waits import (
     Suspend,
     check_cancel,
     check_order,
-    compensate_child,
 )
 
-__all__ = ["EngineHost", "RunExecution", "error_info"]
+__all__ = ["EngineHost", "RunExecution"]
 
 log = logging.getLogger("storno.engine")
 P = ParamSpec("P")
@@ -102,22 +100,6 @@ class EngineHost(Protocol):
 
     def committed(self, record: RunRecord, events: list[Event]) -> None:
         """Events of a run were made durable by this process (for listeners: metrics, logs)."""
-
-
-def error_info(exc: BaseException) -> dict[str, Any]:
-    """A JSON-ready description of an error for the history."""
-    if isinstance(exc, StepFailedError):
-        return {
-            "type": "StepFailedError",
-            "message": str(exc),
-            "step": exc.step,
-            "cause": {"type": exc.error_type, "message": exc.error_message},
-        }
-    kind = type(exc)
-    module = "storno" if kind.__module__.startswith("storno.") else kind.__module__
-    name = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
-    tb = "".join(traceback.format_exception(exc, limit=-4))
-    return {"type": name, "message": str(exc)[:2000], "traceback": tb[-4000:]}
 
 
 class RunExecution:
@@ -208,7 +190,7 @@ class RunExecution:
                     self.host.committed(self.record, events)
                 return
 
-    async def _end(self, update: RunUpdate) -> None:
+    async def end(self, update: RunUpdate) -> None:
         """Record the run's end (or parking); a child tells its parent in the same write."""
         parent = self.record.parent_run_id
         if parent is not None:
@@ -240,11 +222,12 @@ class RunExecution:
         """Drive the run until it ends, parks, or this worker loses its lease."""
         try:
             if self.record.status is RunStatus.COMPENSATING:
-                await self._compensate(self.record.error or {"message": "compensation resumed"})
+                await compensate(self, self.record.error or {"message": "compensation resumed"})
             else:
                 await self._forward()
         except Cancelled as cancel:
-            await self._compensate(
+            await compensate(
+                self,
                 {"type": "Cancelled", "message": str(cancel), "by": cancel.by},
             )
         except LeaseLostError:
@@ -290,7 +273,7 @@ class RunExecution:
             return
         _faults.point("run.ending", run_id=self.record.run_id, status="completed")
         self.append(EventType.RUN_COMPLETED, payload=result_text)
-        await self._end(RunUpdate(RunStatus.COMPLETED, result=result_text, release=True))
+        await self.end(RunUpdate(RunStatus.COMPLETED, result=result_text, release=True))
 
     async def _suspend(self, wake_at: float | None) -> None:
         """Release the run as waiting: no worker holds it until its wake time or a message."""
@@ -318,11 +301,11 @@ class RunExecution:
             )
             await self._park(error)
         else:
-            await self._compensate(error)
+            await compensate(self, error)
 
     async def _park(self, error: dict[str, Any]) -> None:
         self.append(EventType.RUN_NEEDS_ATTENTION, data={"error": error})
-        await self._end(RunUpdate(RunStatus.NEEDS_ATTENTION, error=error, release=True))
+        await self.end(RunUpdate(RunStatus.NEEDS_ATTENTION, error=error, release=True))
 
     # --- forward steps -----------------------------------------------------------------
 
@@ -421,7 +404,7 @@ class RunExecution:
             )
             last_error = {"type": "OutcomeUnknown", "message": "the worker stopped mid-attempt"}
         if unknown:
-            found = await self._read_back(step, position, key, attempts, args, kwargs)
+            found = await self.read_back(step, position, key, attempts, args, kwargs)
             if found is NOT_APPLIED:
                 unknown = False
             elif found is not UNKNOWN:
@@ -469,7 +452,7 @@ class RunExecution:
             try:
                 # An Exception raised here counts as the attempt's own failure (fault injection).
                 _faults.point("step.started", run_id=run_id, step=step.name, attempt=attempts)
-                result = await self._call(
+                result = await self.call(
                     step.fn, context, args, kwargs, self._time_left(step, first_start)
                 )
                 # An Exception injected here stands for a call that landed and lost its answer.
@@ -488,7 +471,7 @@ class RunExecution:
                     {"attempt": attempts, "error": last_error, "outcome_unknown": unknown},
                 )
                 if lost:
-                    found = await self._read_back(step, position, key, attempts, args, kwargs)
+                    found = await self.read_back(step, position, key, attempts, args, kwargs)
                     if found is NOT_APPLIED:
                         unknown = False
                     elif found is not UNKNOWN:
@@ -536,7 +519,7 @@ class RunExecution:
         )
         return failure
 
-    async def _read_back(
+    async def read_back(
         self,
         step: Step[..., Any],
         position: int,
@@ -555,7 +538,7 @@ class RunExecution:
             return UNKNOWN
         context = StepContext(self.record.run_id, step.name, position, key, attempt, step.kind)
         try:
-            found = await self._call(step.verify_fn, context, args, kwargs, step.attempt_timeout)
+            found = await self.call(step.verify_fn, context, args, kwargs, step.attempt_timeout)
         except Exception as exc:
             self.append(
                 EventType.OUTCOME_UNKNOWN,
@@ -570,7 +553,7 @@ class RunExecution:
         self.append(EventType.VERIFIED, position, {"attempt": attempt, "applied": True}, text)
         return decode(text)
 
-    async def _call(
+    async def call(
         self,
         fn: Callable[..., Any],
         context: Any,
@@ -589,144 +572,3 @@ class RunExecution:
         if inspect.isawaitable(result):
             result = await result
         return result
-
-    # --- compensation ------------------------------------------------------------------
-
-    async def _compensate(self, error: dict[str, Any]) -> None:
-        if self.record.status is not RunStatus.COMPENSATING:
-            self.append(EventType.COMPENSATION_STARTED, data={"error": error})
-            await self.commit(RunUpdate(RunStatus.COMPENSATING, error=error))
-        for state in fold(self.events).to_compensate():
-            if state.compensation and state.compensation.status in ("completed", "skipped"):
-                continue
-            if state.child_run_id is not None:
-                failure = await self._compensate_child_position(state, error)
-            else:
-                failure = await self._compensate_step(state, error)
-            if failure is not None:
-                self.append(EventType.RUN_COMPENSATION_FAILED, data={"error": failure})
-                await self._end(
-                    RunUpdate(RunStatus.COMPENSATION_FAILED, error=failure, release=True)
-                )
-                return
-        cancel = fold(self.events).cancel
-        status = RunStatus.COMPENSATED if cancel is None else RunStatus.CANCELLED
-        _faults.point("run.ending", run_id=self.record.run_id, status=status.value)
-        end = EventType.RUN_COMPENSATED if cancel is None else EventType.RUN_CANCELLED
-        self.append(end, data=cancel or {})
-        await self._end(RunUpdate(status, release=True))
-
-    async def _compensate_child_position(
-        self, state: StepState, error: dict[str, Any]
-    ) -> dict[str, Any] | None:
-        """Undo a child run: cancel it if it has not ended, compensate it if it completed."""
-        child_id = state.child_run_id
-        assert child_id is not None
-        attempt = (state.compensation.attempts if state.compensation else 0) + 1
-        data = {"step": state.name, "key": child_id, "attempt": attempt}
-        self.append(EventType.COMPENSATION_STEP_STARTED, state.position, data)
-        await self.commit()
-        if state.status != "completed":
-            message = InboxMessage(
-                MessageKind.CANCEL,
-                "cancel",
-                message_id=f"parent-cancel-{self.record.run_id}",
-                meta={"by": f"parent {self.record.run_id}", "reason": error.get("message")},
-            )
-            await self.host.store.deliver(child_id, message, now=self.host.clock.now())
-            self.host.wake_workers()
-        failure = await compensate_child(self, state)
-        if failure is not None:
-            return self._give_up_compensation(state, child_id, failure, attempt)
-        self.append(EventType.COMPENSATION_STEP_COMPLETED, state.position, {"key": child_id})
-        return None
-
-    async def _compensate_step(
-        self, state: StepState, error: dict[str, Any]
-    ) -> dict[str, Any] | None:
-        """Undo one step, retrying; return an error description if it keeps failing."""
-        run_id, position = self.record.run_id, state.position
-        key = compensation_key(run_id, position, state.name)
-        try:
-            step = self.steps_used.get(position) or self.host.find_step(state.name, state.ref)
-            step.check_runnable()
-        except Exception as exc:
-            return self._give_up_compensation(state, key, error_info(exc))
-        payload: Any = decode(state.args or "null", what=f"recorded arguments of {state.name!r}")
-        args, kwargs = payload["args"], payload["kwargs"]
-        result: Any = UNKNOWN
-        if state.status == "completed":
-            result = decode(state.result or "null", what=f"recorded result of {state.name!r}")
-        else:
-            found = await self._read_back(step, position, state.key, state.attempts, args, kwargs)
-            if found is NOT_APPLIED:
-                self.append(
-                    EventType.COMPENSATION_STEP_SKIPPED,
-                    position,
-                    {"key": key, "reason": "read-back found no trace of the step"},
-                )
-                return None
-            result = found
-        policy = step.compensation_retry
-        comp = state.compensation
-        attempts = comp.attempts if comp else 0
-        # An operator's retry gives the compensation a fresh budget; numbering goes on.
-        spent_before = comp.spent_before if comp else 0
-        last: dict[str, Any] = (comp.error if comp else None) or {}
-        compensate = step.compensate_fn
-        assert compensate is not None  # check_runnable() guarantees it for compensable steps
-        while True:
-            used = attempts - spent_before
-            if used:
-                if last.get("terminal") or not policy.allows_another(used):
-                    return self._give_up_compensation(state, key, last, attempts)
-                await self.host.clock.sleep(policy.delay(used, self.rng))
-            attempts += 1
-            self.append(
-                EventType.COMPENSATION_STEP_STARTED,
-                position,
-                {"step": state.name, "key": key, "attempt": attempts},
-            )
-            await self.commit()
-            context: CompensationContext[Any] = CompensationContext(
-                run_id, state.name, position, key, state.key, attempts, result, error
-            )
-            try:
-                _faults.point(
-                    "compensation.started", run_id=run_id, step=state.name, attempt=attempts
-                )
-                await self._call(compensate, context, args, kwargs, step.attempt_timeout)
-                _faults.point(
-                    "compensation.returned", run_id=run_id, step=state.name, attempt=attempts
-                )
-            except Exception as exc:
-                last = error_info(exc)
-                last["terminal"] = isinstance(exc, TerminalError)
-                self.append(
-                    EventType.COMPENSATION_ATTEMPT_FAILED,
-                    position,
-                    {"key": key, "attempt": attempts, "error": last},
-                )
-                continue
-            self.append(EventType.COMPENSATION_STEP_COMPLETED, position, {"key": key})
-            return None
-
-    def _give_up_compensation(
-        self, state: StepState, key: str, error: dict[str, Any], attempts: int = 0
-    ) -> dict[str, Any]:
-        failure = {
-            "type": "CompensationFailed",
-            "message": (
-                f"compensation of step {state.name!r} (#{state.position}, key {key}) failed "
-                f"after {attempts} attempt(s): {error.get('message', error.get('type'))}; the run "
-                f"is a dead letter: fix the cause, then retry or resolve it"
-            ),
-            "step": state.name,
-            "cause": error,
-        }
-        self.append(
-            EventType.COMPENSATION_STEP_FAILED,
-            state.position,
-            {"key": key, "error": error},
-        )
-        return failure

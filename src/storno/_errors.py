@@ -32,9 +32,11 @@ Each message says what happened and what to do about it. The tree::
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 __all__ = [
+    "error_info",
     "ApprovalRejectedError",
     "ArgumentMismatchError",
     "ChildFailedError",
@@ -237,3 +239,19 @@ class CompensationFailedError(RunFailedError):
 class NeedsAttentionError(RunFailedError):
     """The run is parked for a person: its code no longer matches its history, or it
     cannot make progress after the pivot."""
+
+
+def error_info(exc: BaseException) -> dict[str, Any]:
+    """A JSON-ready description of an error for the history."""
+    if isinstance(exc, StepFailedError):
+        return {
+            "type": "StepFailedError",
+            "message": str(exc),
+            "step": exc.step,
+            "cause": {"type": exc.error_type, "message": exc.error_message},
+        }
+    kind = type(exc)
+    module = "storno" if kind.__module__.startswith("storno.") else kind.__module__
+    name = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+    tb = "".join(traceback.format_exception(exc, limit=-4))
+    return {"type": name, "message": str(exc)[:2000], "traceback": tb[-4000:]}

@@ -42,7 +42,6 @@ __all__ = [
     "check_cancel",
     "check_order",
     "child_run_id",
-    "compensate_child",
     "gather",
     "publish",
     "sleep_until",
@@ -294,51 +293,3 @@ def check_order(x: RunExecution, kind: StepKind, name: str, position: int) -> No
             )
         if x.forward_only_since is None:
             x.forward_only_since = name
-
-
-async def compensate_child(x: RunExecution, state: StepState) -> dict[str, Any] | None:
-    """Ask a completed child run to compensate and wait until it has; an error if not."""
-    child_id = state.child_run_id
-    assert child_id is not None
-    store, clock = x.host.store, x.host.clock
-    error = {
-        "type": "ParentCompensating",
-        "message": f"parent run {x.record.run_id} is compensating",
-    }
-    await store.operate(
-        child_id,
-        expected=[RunStatus.COMPLETED],
-        status=RunStatus.COMPENSATING,
-        event_type=EventType.COMPENSATION_STARTED,
-        data={"error": error, "by": "parent"},
-        now=clock.now(),
-        claimable=True,
-    )
-    x.host.wake_workers()
-    delay = 0.01
-    while True:
-        record = await store.get_run(child_id)
-        if record is None or record.status in (RunStatus.COMPENSATED, RunStatus.CANCELLED):
-            return None
-        if record.status in (RunStatus.COMPENSATION_FAILED, RunStatus.NEEDS_ATTENTION):
-            message = (record.error or {}).get("message", record.status.value)
-            return {
-                "type": "ChildCompensationFailed",
-                "message": f"child run {child_id} ended {record.status.value}: {message}",
-            }
-        if record.status is RunStatus.COMPLETED:
-            # It completed after it was asked to cancel (or the request above came too
-            # early): ask it to compensate now.
-            changed = await store.operate(
-                child_id,
-                expected=[RunStatus.COMPLETED],
-                status=RunStatus.COMPENSATING,
-                event_type=EventType.COMPENSATION_STARTED,
-                data={"error": error, "by": "parent"},
-                now=clock.now(),
-                claimable=True,
-            )
-            if changed is not None:
-                x.host.wake_workers()
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 1.0)
