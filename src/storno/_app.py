@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -350,6 +351,7 @@ class Storno:
                 )
         elif worker:
             worker.adopt(record, Lease(run_id, worker.id, record.epoch), [event])
+            return RunHandle(self, run_id, executing_here=True)
         elif start_at is not None:
             self.note_wake(start_at)
         else:
@@ -515,9 +517,12 @@ class Storno:
 class RunHandle(Generic[R]):
     """A started run: wait for its result, read its status and history."""
 
-    def __init__(self, app: Storno, run_id: str) -> None:
+    def __init__(self, app: Storno, run_id: str, *, executing_here: bool = False) -> None:
         self.app = app
         self.run_id = run_id
+        # Created already leased to a worker of this process: it tells result() when the run
+        # settles, so the first look at the store can wait for that.
+        self._executing_here = executing_here
 
     def __repr__(self) -> str:
         return f"<storno.RunHandle {self.run_id}>"
@@ -541,9 +546,15 @@ class RunHandle(Generic[R]):
         loop = asyncio.get_running_loop()
         give_up = None if timeout is None else loop.time() + timeout
         interval = 0.01
+        skip_read, self._executing_here = self._executing_here, False
         while True:
             future: asyncio.Future[None] = loop.create_future()
             self.app._waiters.setdefault(self.run_id, []).append(future)
+            if skip_read:
+                skip_read = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(future, interval)
+                continue
             record = await self.app.store.get_run(self.run_id)
             if record is None:
                 raise RunNotFoundError(self.run_id)
