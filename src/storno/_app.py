@@ -107,7 +107,7 @@ class Storno:
         self._sagas: dict[str, Saga[..., Any]] = {}
         self._steps: dict[str, Step[..., Any]] = {}
         self._workers: list[Worker] = []
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, list[asyncio.Future[RunRecord | None]]] = {}
         self._listeners: list[EventListener] = []
         self._opened = False
         self.register(*sagas, *steps)
@@ -265,10 +265,11 @@ class Storno:
         if created:
             self.wake_workers()
 
-    def _run_settled(self, run_id: str) -> None:
+    def _run_settled(self, run_id: str, ended: RunRecord | None = None) -> None:
+        """A run stopped executing here; ``ended`` is its final state if it ended here."""
         for future in self._waiters.pop(run_id, []):
             if not future.done():
-                future.set_result(None)
+                future.set_result(ended)
 
     # --- starting runs -----------------------------------------------------------------
 
@@ -546,19 +547,19 @@ class RunHandle(Generic[R]):
         loop = asyncio.get_running_loop()
         give_up = None if timeout is None else loop.time() + timeout
         interval = 0.01
-        skip_read, self._executing_here = self._executing_here, False
+        # A run executing here reports its end directly; only then is the store not read.
+        known: RunRecord | None = None
+        look, self._executing_here = not self._executing_here, False
         while True:
-            future: asyncio.Future[None] = loop.create_future()
+            future: asyncio.Future[RunRecord | None] = loop.create_future()
             self.app._waiters.setdefault(self.run_id, []).append(future)
-            if skip_read:
-                skip_read = False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(future, interval)
-                continue
-            record = await self.app.store.get_run(self.run_id)
-            if record is None:
-                raise RunNotFoundError(self.run_id)
-            if record.status in ENDED:
+            record = known
+            if record is None and look:
+                record = await self.app.store.get_run(self.run_id)
+                if record is None:
+                    raise RunNotFoundError(self.run_id)
+            look = True
+            if record is not None and record.status in ENDED:
                 waiters = self.app._waiters.get(self.run_id, [])
                 if future in waiters:
                     waiters.remove(future)
@@ -568,11 +569,12 @@ class RunHandle(Generic[R]):
                 raise _FAILURES[record.status](self.run_id, record.status.value, record.error)
             wait = interval if give_up is None else min(interval, give_up - loop.time())
             if wait <= 0:
+                status = record.status.value if record else "not ended"
                 raise WaitTimeoutError(
-                    f"run {self.run_id} is still {record.status.value} after {timeout}s; it "
+                    f"run {self.run_id} is still {status} after {timeout}s; it "
                     f"goes on, wait again or look at it with `storno show {self.run_id}`"
                 )
             try:
-                await asyncio.wait_for(future, wait)
+                known = await asyncio.wait_for(future, wait)
             except TimeoutError:
                 interval = min(interval * 2, 0.5)

@@ -118,6 +118,8 @@ class RunExecution:
         self.park_error: DeterminismError | None = None
         self.lease_lost = False
         self.released = False  # the run's lease was given up: it ended, parked or suspended
+        self.ended: RunRecord | None = None  # the run's final state, once it ended here
+        self.written_result, self.written_error = record.result, record.error
         # The step objects the body called, with any call-site overrides: compensation uses
         # them first, and looks steps up by name only when the body did not run this time.
         self.steps_used: dict[int, Step[..., Any]] = {}
@@ -185,6 +187,9 @@ class RunExecution:
                     await asyncio.sleep(_COMMIT_RETRY.delay(failures))
                     continue
                 self.inbox_latest = max(self.inbox_latest, latest)
+                if update is not None:  # the store keeps the last result and error written
+                    self.written_result = update.result or self.written_result
+                    self.written_error = update.error or self.written_error
                 self.released = update is not None and update.release
                 if events:
                     self.host.committed(self.record, events)
@@ -207,6 +212,14 @@ class RunExecution:
             )
             update = dataclasses.replace(update, notify_run_id=parent, notify=message)
         await self.commit(update)
+        self.ended = dataclasses.replace(
+            self.record,
+            status=update.status,
+            result=self.written_result,
+            error=self.written_error,
+            owner=None,
+            lease_expires_at=None,
+        )
         if parent is not None:
             self.host.wake_workers()
 

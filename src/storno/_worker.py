@@ -172,6 +172,7 @@ class Worker:
         task.add_done_callback(done)
 
     async def _execute(self, record: RunRecord, lease: Lease, history: list[Event] | None) -> None:
+        execution: RunExecution | None = None
         try:
             if history is None:
                 history = await self.app.store.history(record.run_id)
@@ -185,7 +186,7 @@ class Worker:
             log.exception("run %s: execution stopped by an unexpected error", record.run_id)
         finally:
             self._executions.pop(record.run_id, None)
-            self.app._run_settled(record.run_id)
+            self.app._run_settled(record.run_id, execution.ended if execution else None)
 
     async def _claim(self) -> tuple[int, int]:
         """Claim as many runs as there are free slots; return (free, claimed)."""
