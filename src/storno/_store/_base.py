@@ -12,10 +12,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from storno._errors import ConfigurationError
+from storno._errors import LeaseLostError
 from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
+from storno._store._migrations import backend_of
 
-__all__ = ["Delivery", "NewRun", "RunUpdate", "Store", "open_store"]
+__all__ = [
+    "ENDED_STATUSES",
+    "Delivery",
+    "NewRun",
+    "RunUpdate",
+    "Store",
+    "lease_lost",
+    "open_store",
+    "split_limits",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +70,39 @@ class Delivery:
     status: RunStatus  # the run's status when the message arrived
     seq: int  # the message's number in the inbox (0 if the run had ended: not stored)
     duplicate: bool = False  # a message with the same id was stored before
+
+
+ENDED_STATUSES = frozenset(
+    {
+        RunStatus.COMPLETED,
+        RunStatus.COMPENSATED,
+        RunStatus.COMPENSATION_FAILED,
+        RunStatus.NEEDS_ATTENTION,
+        RunStatus.CANCELLED,
+    }
+)
+"""Statuses in which a run's inbox takes no more messages (see :meth:`Store.deliver`)."""
+
+
+def lease_lost(lease: Lease) -> LeaseLostError:
+    """The error for a write refused because ``lease`` is no longer the run's current one."""
+    return LeaseLostError(
+        f"run {lease.run_id} is no longer leased to worker {lease.owner} "
+        f"(epoch {lease.epoch}); another worker took it over, so this worker's "
+        f"writes for it are refused"
+    )
+
+
+def split_limits(
+    sagas: Sequence[str] | None, limits: Mapping[str, int] | None
+) -> tuple[list[str] | None, dict[str, int]]:
+    """A claim's sagas split into those claimed freely and the capped ones with their caps.
+
+    The free list is ``None`` for "any saga but the capped ones" (no ``sagas`` given).
+    """
+    capped = {n: c for n, c in (limits or {}).items() if sagas is None or n in sagas}
+    free = [n for n in sagas if n not in capped] if sagas is not None else None
+    return free, capped
 
 
 class Store(abc.ABC):
@@ -202,16 +245,10 @@ class Store(abc.ABC):
 def open_store(url: str) -> Store:
     """The store for a URL: ``sqlite:///relative.db``, ``sqlite:////abs.db`` or a file path,
     or ``postgresql://user@host/db`` (``postgres://`` too; needs ``storno[postgres]``)."""
-    if url.startswith(("postgresql://", "postgres://")):
+    if backend_of(url) == "postgres":
         from storno._store._postgres import PostgresStore
 
         return PostgresStore(url)
-    if "://" in url and not url.startswith("sqlite://"):
-        scheme = url.split("://", 1)[0]
-        raise ConfigurationError(
-            f"unsupported database URL scheme {scheme!r} in {url!r}; use sqlite:///path.db or "
-            f"postgresql://user@host/db"
-        )
     from storno._store._sqlite import SQLiteStore
 
     return SQLiteStore(url)

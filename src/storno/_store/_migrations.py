@@ -28,6 +28,8 @@ __all__ = [
     "current_schema",
     "redact",
     "status",
+    "status_of",
+    "too_new",
     "upgrade",
 ]
 
@@ -93,6 +95,23 @@ def available(backend: Backend) -> list[Migration]:
     return found
 
 
+def status_of(backend: Backend, url: str, applied: list[tuple[int, float | None]]) -> SchemaStatus:
+    """The status of a database that has the ``applied`` (version, unix time) migrations."""
+    known = available(backend)
+    latest = known[-1].version if known else 0
+    current = max((v for v, _ in applied), default=0)
+    pending = [m.name for m in known if m.version > current]
+    return SchemaStatus(backend, url, bool(applied), current, latest, applied, pending)
+
+
+def too_new(current: int, latest: int) -> StoreError:
+    """The error for a database migrated past the newest version this storno knows."""
+    return StoreError(
+        f"the database is at schema version {current}, newer than this storno "
+        f"understands ({latest}); upgrade storno"
+    )
+
+
 def current_schema(backend: Backend) -> str:
     """The whole current schema definition for a backend, as one SQL text."""
     return resources.files("storno._store").joinpath("schema", f"{backend}.sql").read_text()
@@ -126,13 +145,11 @@ def redact(url: str) -> str:
 
 
 def _sqlite_status(url: str) -> SchemaStatus:
-    from storno._store._sqlite import parse_sqlite_url
+    from storno._store._sqlite_connection import parse_sqlite_url
 
     path, _ = parse_sqlite_url(url)
-    known = available("sqlite")
-    latest = known[-1].version if known else 0
     if not path.exists():
-        return SchemaStatus("sqlite", url, False, 0, latest, [], [m.name for m in known])
+        return status_of("sqlite", url, [])
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
@@ -153,20 +170,14 @@ def _sqlite_status(url: str) -> SchemaStatus:
             conn.close()
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read SQLite database {str(path)!r}: {exc}") from exc
-    current = max((v for v, _ in applied), default=0)
-    pending = [m.name for m in known if m.version > current]
-    return SchemaStatus("sqlite", url, bool(applied), current, latest, applied, pending)
+    return status_of("sqlite", url, applied)
 
 
 def _sqlite_upgrade(url: str) -> None:
-    from storno._store._sqlite import migrate, parse_sqlite_url
+    from storno._store._sqlite_connection import migrate, need_folder, parse_sqlite_url
 
     path, _ = parse_sqlite_url(url)
-    if path.parent and not path.parent.exists():
-        raise ConfigurationError(
-            f"cannot create the SQLite database {str(path)!r}: folder "
-            f"{str(path.parent)!r} does not exist"
-        )
+    need_folder(path)
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=30)
         try:
@@ -193,10 +204,7 @@ async def upgrade(url: str) -> tuple[SchemaStatus, SchemaStatus]:
     """Apply the missing migrations; return the status before and after."""
     before = await status(url)
     if before.too_new:
-        raise StoreError(
-            f"the database is at schema version {before.current}, newer than this storno "
-            f"understands ({before.latest}); upgrade storno"
-        )
+        raise too_new(before.current, before.latest)
     if backend_of(url) == "postgres":
         from storno._store._postgres import PostgresStore
 

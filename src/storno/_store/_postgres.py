@@ -7,142 +7,60 @@ whose lease was taken over has its writes refused. Hot operations (claim, create
 renew) are one SQL statement each, hence one round trip and one transaction; the rarer ones
 (inbox deliveries, operator changes) are short explicit transactions.
 
-Idle workers are woken across processes by LISTEN/NOTIFY: creating a run, delivering a
-message, an operator making a run claimable, and a run suspending with a wake time all notify
-the channel of the store's schema. A missed notification only costs a poll interval.
-
-Connection loss: each operation is retried with backoff on ``psycopg.OperationalError`` (a
-restart, a dropped network, a deadlock) a bounded number of times, then fails as
-:class:`storno.StoreError`. A write whose commit may have happened before the connection
-dropped is safe to repeat: a repeated run creation is recognised by its creation time, and a
-repeated history write by the events it finds already recorded under the same lease.
-
-URL: ``postgresql://user:password@host:5432/dbname?schema=name&pool_size=10`` plus any libpq
-option (``sslmode``, ``connect_timeout``, ``application_name`` ...).
+Connections, retries, migrations and notifications are in
+:mod:`storno._store._postgres_connection`. An operation retried after a connection error may
+repeat one whose commit happened before the connection dropped; that is safe: a repeated run
+creation is recognised by its creation time, and a repeated history write by the events it
+finds already recorded under the same lease.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import heapq
 import json
 import logging
-import random
-import re
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from storno._errors import ConfigurationError, LeaseLostError, StoreError
-from storno._model import (
-    Event,
-    EventType,
-    InboxMessage,
-    Lease,
-    MessageKind,
-    RunRecord,
-    RunStatus,
+from storno._errors import LeaseLostError, StoreError
+from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
+from storno._store._base import (
+    ENDED_STATUSES,
+    Delivery,
+    NewRun,
+    RunUpdate,
+    Store,
+    lease_lost,
+    split_limits,
 )
-from storno._store._base import Delivery, NewRun, RunUpdate, Store
-from storno._store._migrations import SchemaStatus, available, redact
+from storno._store._migrations import redact
+from storno._store._postgres_connection import PostgresConnection, parse_postgres_url, quote
+from storno._store._rows import (
+    EVENT_COLUMNS,
+    MESSAGE_COLUMNS,
+    event_from_row,
+    event_values,
+    leased_runs,
+    message_from_row,
+    message_values,
+    run_from_row,
+)
 
+# Importable without the driver, like the connection module; the store refuses to start then.
 try:
     import psycopg
     import psycopg.errors
-    from psycopg.conninfo import conninfo_to_dict
     from psycopg.rows import dict_row
-    from psycopg_pool import AsyncConnectionPool
 except ImportError:  # pragma: no cover - exercised by a test that hides psycopg
-    _DRIVER_MISSING = True
-else:
-    _DRIVER_MISSING = False
+    pass
 
 if TYPE_CHECKING:
-    from psycopg.rows import TupleRow
-
-    Connection = psycopg.AsyncConnection[TupleRow]
-    Pool = AsyncConnectionPool[Connection]
+    from storno._store._postgres_connection import Connection
 
 __all__ = ["PostgresStore", "parse_postgres_url"]
 
 log = logging.getLogger("storno.store.postgres")
-T = TypeVar("T")
-
-DEFAULT_POOL_SIZE = 10
-_OWN_OPTIONS = ("schema", "pool_size")
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-_ENDED = (
-    RunStatus.COMPLETED.value,
-    RunStatus.COMPENSATED.value,
-    RunStatus.COMPENSATION_FAILED.value,
-    RunStatus.NEEDS_ATTENTION.value,
-    RunStatus.CANCELLED.value,
-)
-_VERSION_TABLE = (
-    "CREATE TABLE IF NOT EXISTS storno_schema "
-    "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
-)
-
-
-def _need_driver() -> None:
-    if _DRIVER_MISSING:
-        raise ConfigurationError(
-            "PostgreSQL URLs need the psycopg 3 driver, which is not installed; install it "
-            "with: pip install 'storno[postgres]'"
-        )
-
-
-def parse_postgres_url(url: str) -> tuple[str, str, int]:
-    """The libpq connection string, schema name and pool size of a PostgreSQL URL.
-
-    storno's own query options (``schema``, ``pool_size``) are taken out; the others are
-    passed to libpq, which refuses the ones it does not know.
-    """
-    _need_driver()
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"{redact(url)!r} is not a postgresql:// URL")
-    schema, pool_size = "public", DEFAULT_POOL_SIZE
-    rest: list[tuple[str, str]] = []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key == "schema":
-            if not _SCHEMA_NAME.fullmatch(value):
-                raise ConfigurationError(
-                    f"schema={value!r} in {redact(url)!r} is not a plain schema name; use "
-                    f"lowercase letters, digits and underscores (at most 63, not starting with "
-                    f"a digit)"
-                )
-            schema = value
-        elif key == "pool_size":
-            try:
-                pool_size = int(value)
-            except ValueError:
-                pool_size = 0
-            if pool_size < 1:
-                raise ConfigurationError(
-                    f"pool_size={value!r} in {redact(url)!r}; use a whole number of at least 1"
-                )
-        else:
-            rest.append((key, value))
-    if not any(key == "application_name" for key, _ in rest):
-        rest.append(("application_name", "storno"))
-    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
-    try:
-        conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError as exc:
-        raise ConfigurationError(
-            f"bad PostgreSQL URL {redact(url)!r}: {str(exc).strip()}; storno's own options "
-            f"are {', '.join(_OWN_OPTIONS)}, the others must be libpq connection parameters "
-            f"(sslmode, connect_timeout, application_name, ...)"
-        ) from exc
-    return conninfo, schema, pool_size
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _limit_key(schema: str, saga: str) -> int:
@@ -150,48 +68,13 @@ def _limit_key(schema: str, saga: str) -> int:
     return zlib.crc32(f"storno.limit:{schema}:{saga}".encode())
 
 
-def _lock_key(schema: str) -> int:
-    """The advisory lock that serialises migrations of one schema."""
-    return zlib.crc32(f"storno.migrate:{schema}".encode())
-
-
-def _record(row: dict[str, Any]) -> RunRecord:
-    return RunRecord(
-        run_id=row["run_id"],
-        saga=row["saga"],
-        status=RunStatus(row["status"]),
-        input=row["input"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        result=row["result"],
-        error=json.loads(row["error"]) if row["error"] else None,
-        deadline=row["deadline"],
-        owner=row["owner"],
-        lease_expires_at=row["lease_expires_at"],
-        epoch=row["epoch"],
-        wake_at=row["wake_at"],
-        parent_run_id=row["parent_run_id"],
-        inbox_seq=row["inbox_seq"],
-        state=json.loads(row["state"]) if row["state"] else None,
-    )
+_EVENT_KEYS = ("s", "t", "a", "p", "d", "y")  # EVENT_COLUMNS as json_to_recordset reads them
 
 
 def _events_json(events: Sequence[Event]) -> str:
     """Events as one JSON text, unpacked by the server (cheaper to send than six arrays).
     ``data`` goes as a string so that the stored text is exactly ``json.dumps(data)``."""
-    return json.dumps(
-        [
-            {
-                "s": e.seq,
-                "t": e.type.value,
-                "a": e.at,
-                "p": e.position,
-                "d": json.dumps(e.data),
-                "y": e.payload,
-            }
-            for e in events
-        ]
-    )
+    return json.dumps([dict(zip(_EVENT_KEYS, event_values(e), strict=True)) for e in events])
 
 
 def _same_event(row: dict[str, Any], event: Event) -> bool:
@@ -208,268 +91,20 @@ class _Fenced(Exception):
     """The write's lease is not the run's current one (raised inside, to roll back)."""
 
 
-class PostgresStore(Store):
+class PostgresStore(PostgresConnection, Store):
     """Runs and histories in a PostgreSQL schema, shared by any number of workers."""
 
-    retry_attempts = 10
-    """Tries of one operation on connection errors before it fails as StoreError."""
-    retry_seconds = 20.0
-    """... or once this much time has passed since its first try."""
-    listen_check_seconds = 10.0
-    """How often the LISTEN connection is checked while no notification arrives."""
-
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.conninfo, self.schema, self.pool_size = parse_postgres_url(url)
-        q = _quote(self.schema)
+        super().__init__(url)
+        q = quote(self.schema)
         self._runs = f"{q}.storno_runs"
         self._events = f"{q}.storno_events"
         self._inbox = f"{q}.storno_inbox"
-        self.channel = f"storno:{self.schema}"
-        self._pool: Pool | None = None
-        self._callbacks: list[Callable[[], None]] = []
-        self._listener: asyncio.Task[None] | None = None
-        self._timers: list[float] = []  # wake times announced by other processes (a heap)
-        self._timer: asyncio.TimerHandle | None = None
         self._uncertain: set[tuple[str, int]] = set()  # leases whose last write may have landed
         self._sql_cache: dict[tuple[Any, ...], str] = {}
-        self._notify_now = self._notify_sql("''")
 
     def __repr__(self) -> str:
         return f"<PostgresStore {redact(self.url)}>"
-
-    # --- connecting and migrating ------------------------------------------------------
-
-    async def _connect(self) -> Connection:
-        conn: Connection = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
-        return conn
-
-    async def _retrying(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn`` again on connection errors, with backoff, within the retry budget."""
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            try:
-                return await fn()
-            except (psycopg.OperationalError, OSError) as exc:
-                attempt += 1
-                spent = time.monotonic() - started
-                if attempt >= self.retry_attempts or spent >= self.retry_seconds:
-                    raise StoreError(
-                        f"PostgreSQL {what} failed {attempt} times in {spent:.1f}s "
-                        f"({redact(self.url)}): {str(exc).strip()}"
-                    ) from exc
-                delay = min(0.05 * 2 ** (attempt - 1), 2.0) * random.uniform(0.8, 1.2)
-                log.warning("PostgreSQL %s failed, retrying in %.2fs: %s", what, delay, exc)
-                await asyncio.sleep(delay)
-            except psycopg.Error as exc:
-                raise StoreError(f"PostgreSQL {what} failed: {str(exc).strip()}") from exc
-
-    async def _migrate_on(self, conn: Connection) -> int:
-        """Apply the missing migrations under the schema's advisory lock; return the version."""
-        known = available("postgres")
-        latest = known[-1].version if known else 0
-        q = _quote(self.schema)
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(self.schema),))
-            cur = await conn.execute(
-                "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)
-            )
-            if await cur.fetchone() is None:
-                await conn.execute(f"CREATE SCHEMA {q}")
-            await conn.execute(f"SET LOCAL search_path TO {q}")
-            await conn.execute(_VERSION_TABLE)
-            cur = await conn.execute("SELECT COALESCE(MAX(version), 0) FROM storno_schema")
-            row = await cur.fetchone()
-            current = int(row[0]) if row else 0
-            if current > latest:
-                raise StoreError(
-                    f"the database is at schema version {current}, newer than this storno "
-                    f"understands ({latest}); upgrade storno"
-                )
-            for migration in known:
-                if migration.version > current:
-                    await conn.execute(migration.sql)  # no parameters: may hold many statements
-                    await conn.execute(
-                        "INSERT INTO storno_schema (version, applied_at) "
-                        "VALUES (%s, extract(epoch FROM clock_timestamp()))",
-                        (migration.version,),
-                    )
-                    log.info("schema %s migrated to version %s", self.schema, migration.name)
-                    current = migration.version
-        return current
-
-    async def migrate(self) -> int:
-        """Bring the schema up to date without opening the store; return the version."""
-        _need_driver()
-
-        async def once() -> int:
-            async with await self._connect() as conn:
-                return await self._migrate_on(conn)
-
-        return await self._retrying("migration", once)
-
-    async def schema_status(self) -> SchemaStatus:
-        """The schema's migration state; changes nothing."""
-        _need_driver()
-        known = available("postgres")
-        latest = known[-1].version if known else 0
-
-        async def once() -> SchemaStatus:
-            async with await self._connect() as conn:
-                cur = await conn.execute(
-                    "SELECT to_regclass(%s)", (f"{_quote(self.schema)}.storno_schema",)
-                )
-                row = await cur.fetchone()
-                applied: list[tuple[int, float | None]] = []
-                if row is not None and row[0] is not None:
-                    cur = await conn.execute(
-                        f"SELECT version, applied_at FROM {_quote(self.schema)}.storno_schema "
-                        "ORDER BY version"
-                    )
-                    applied = [(int(v), at) for v, at in await cur.fetchall()]
-            current = max((v for v, _ in applied), default=0)
-            pending = [m.name for m in known if m.version > current]
-            return SchemaStatus(
-                "postgres", redact(self.url), bool(applied), current, latest, applied, pending
-            )
-
-        return await self._retrying("status", once)
-
-    async def open(self) -> None:
-        if self._pool is not None:
-            return
-        await self.migrate()
-        pool: Pool = AsyncConnectionPool(
-            self.conninfo,
-            min_size=1,
-            max_size=self.pool_size,
-            kwargs={"autocommit": True},
-            open=False,
-            timeout=10.0,
-            name=f"storno-{self.schema}",
-        )
-        try:
-            await pool.open(wait=True, timeout=30.0)
-        except psycopg.Error as exc:
-            await pool.close()
-            raise StoreError(
-                f"cannot connect to PostgreSQL at {redact(self.url)}: {str(exc).strip()}"
-            ) from exc
-        self._pool = pool
-        if self._callbacks:
-            self._start_listener()
-
-    async def close(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await listener
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timers = []
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
-
-    async def _op(self, what: str, fn: Callable[[Connection, int], Awaitable[T]]) -> T:
-        """Run ``fn(conn, attempt)`` on a pooled connection, retried on connection errors;
-        ``attempt`` > 0 tells it an earlier try may have committed."""
-        pool = self._pool
-        if pool is None:
-            raise StoreError("the store is not open; use `async with Storno(...)` or open()")
-        attempt = -1
-
-        async def once() -> T:
-            nonlocal attempt
-            attempt += 1
-            async with pool.connection() as conn:
-                return await fn(conn, attempt)
-
-        return await self._retrying(what, once)
-
-    # --- notifications -----------------------------------------------------------------
-
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` in the event loop whenever another process may have made work
-        available (a new run, a message, a run made claimable, a wake time that came)."""
-        if callback not in self._callbacks:
-            self._callbacks.append(callback)
-        if self._pool is not None:
-            self._start_listener()
-
-    def _start_listener(self) -> None:
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.get_running_loop().create_task(
-                self._listen(), name=f"storno-listen-{self.schema}"
-            )
-
-    def _fire(self) -> None:
-        for callback in list(self._callbacks):
-            try:
-                callback()
-            except Exception:
-                log.exception("a store subscriber failed")
-
-    def _notified(self, payload: str) -> None:
-        """A notification: work now (empty payload) or at a wake time (the payload)."""
-        try:
-            at = float(payload) if payload else 0.0
-        except ValueError:
-            at = 0.0
-        if at <= time.time():
-            self._fire()
-            return
-        if len(self._timers) < 10_000:  # beyond that, polling finds the rest
-            heapq.heappush(self._timers, at)
-        self._arm_timer()
-
-    def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._timers:
-            delay = max(self._timers[0] - time.time(), 0.0)
-            self._timer = asyncio.get_running_loop().call_later(delay, self._timer_due)
-
-    def _timer_due(self) -> None:
-        self._timer = None
-        now = time.time()
-        fired = False
-        while self._timers and self._timers[0] <= now + 0.001:
-            heapq.heappop(self._timers)
-            fired = True
-        if fired:
-            self._fire()
-        self._arm_timer()
-
-    async def _listen(self) -> None:
-        """Hold a LISTEN connection; reconnect with backoff when it drops."""
-        delay = 0.1
-        first = True
-        while True:
-            try:
-                async with await self._connect() as conn:
-                    await conn.execute(f"LISTEN {_quote(self.channel)}")
-                    if not first:
-                        self._fire()  # notifications sent while disconnected are lost
-                    first = False
-                    delay = 0.1
-                    while True:
-                        async for notify in conn.notifies(timeout=self.listen_check_seconds):
-                            self._notified(notify.payload)
-                        await asyncio.wait_for(conn.execute("SELECT 1"), 10.0)
-            except asyncio.CancelledError:
-                raise
-            except (psycopg.Error, OSError, TimeoutError) as exc:
-                log.warning("LISTEN connection lost, reconnecting in %.1fs: %s", delay, exc)
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 5.0)
-
-    def _notify_sql(self, payload_sql: str) -> str:
-        return f"pg_notify('{self.channel}', {payload_sql})"
 
     # --- creating and reading runs -----------------------------------------------------
 
@@ -489,7 +124,6 @@ class PostgresStore(Store):
             " SELECT run_id, %(seq)s, %(type)s, %(at)s, %(position)s, %(data)s, %(payload)s"
             f" FROM ins) SELECT ins.*{notify} FROM ins"
         )
-        e = run.event
         params = {
             "run_id": run.run_id,
             "saga": run.saga,
@@ -503,12 +137,7 @@ class PostgresStore(Store):
             "wake_at": run.wake_at,
             "parent": run.parent_run_id,
             "wake": repr(run.wake_at) if run.wake_at is not None else "",
-            "seq": e.seq,
-            "type": e.type.value,
-            "at": e.at,
-            "position": e.position,
-            "data": json.dumps(e.data),
-            "payload": e.payload,
+            **dict(zip(EVENT_COLUMNS, event_values(run.event), strict=True)),
         }
 
         async def op(conn: Connection, attempt: int) -> tuple[RunRecord, bool]:
@@ -516,13 +145,13 @@ class PostgresStore(Store):
             await cur.execute(sql, params)
             row = await cur.fetchone()
             if row is not None:
-                return _record(row), True
+                return run_from_row(row), True
             # It exists (perhaps inserted by a concurrent start, committed since).
             await cur.execute(f"SELECT * FROM {self._runs} WHERE run_id = %s", (run.run_id,))
             row = await cur.fetchone()
             if row is None:
                 raise StoreError(f"run {run.run_id} was neither created nor found")
-            record = _record(row)
+            record = run_from_row(row)
             # An earlier try of this very call may have committed before its answer was
             # lost: the same creation time, saga, input and claim mean it is ours.
             ours = (
@@ -542,7 +171,7 @@ class PostgresStore(Store):
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(f"SELECT * FROM {self._runs} WHERE run_id = %s", (run_id,))
             row = await cur.fetchone()
-            return _record(row) if row else None
+            return run_from_row(row) if row else None
 
         return await self._op("get_run", op)
 
@@ -570,7 +199,7 @@ class PostgresStore(Store):
         async def op(conn: Connection, attempt: int) -> list[RunRecord]:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(sql, (*params, limit, offset))
-            return [_record(r) for r in await cur.fetchall()]
+            return [run_from_row(r) for r in await cur.fetchall()]
 
         return await self._op("list_runs", op)
 
@@ -582,17 +211,7 @@ class PostgresStore(Store):
                 "WHERE run_id = %s ORDER BY seq",
                 (run_id,),
             )
-            return [
-                Event(
-                    seq=r["seq"],
-                    type=EventType(r["type"]),
-                    at=r["at"],
-                    position=r["position"],
-                    data=json.loads(r["data"]),
-                    payload=r["payload"],
-                )
-                for r in await cur.fetchall()
-            ]
+            return [event_from_row(r) for r in await cur.fetchall()]
 
         return await self._op("history", op)
 
@@ -701,11 +320,7 @@ class PostgresStore(Store):
                 if landed is not None:
                     return landed
                 if isinstance(exc, _Fenced):
-                    raise LeaseLostError(
-                        f"run {lease.run_id} is no longer leased to worker {lease.owner} "
-                        f"(epoch {lease.epoch}); another worker took it over, so this worker's "
-                        f"writes for it are refused"
-                    ) from None
+                    raise lease_lost(lease) from None
                 raise
 
         try:
@@ -759,7 +374,7 @@ class PostgresStore(Store):
         if row is None:
             return None
         status = RunStatus(row[0])
-        if status.value in _ENDED:
+        if status in ENDED_STATUSES:
             return Delivery(status, 0)
         if message.message_id is not None:
             cur = await conn.execute(
@@ -797,11 +412,7 @@ class PostgresStore(Store):
             {
                 "run_id": run_id,
                 "seq": seq,
-                "kind": message.kind.value,
-                "name": message.name,
-                "message_id": message.message_id,
-                "payload": message.payload,
-                "meta": json.dumps(message.meta),
+                **dict(zip(MESSAGE_COLUMNS, message_values(message), strict=True)),
                 "now": now,
             },
         )
@@ -821,18 +432,7 @@ class PostgresStore(Store):
                 f"SELECT * FROM {self._inbox} WHERE run_id = %s AND seq > %s ORDER BY seq",
                 (run_id, after),
             )
-            return [
-                InboxMessage(
-                    kind=MessageKind(r["kind"]),
-                    name=r["name"],
-                    payload=r["payload"],
-                    message_id=r["message_id"],
-                    meta=json.loads(r["meta"]),
-                    seq=r["seq"],
-                    sent_at=r["sent_at"],
-                )
-                for r in await cur.fetchall()
-            ]
+            return [message_from_row(r) for r in await cur.fetchall()]
 
         return await self._op("inbox", op)
 
@@ -882,7 +482,7 @@ class PostgresStore(Store):
                 )
                 if claimable:
                     await conn.execute(f"SELECT {self._notify_now}")
-                return _record(row)
+                return run_from_row(row)
 
         return await self._op("operate", op)
 
@@ -906,7 +506,7 @@ class PostgresStore(Store):
             return None
         await cur.execute(f"SELECT * FROM {self._runs} WHERE run_id = %s", (run_id,))
         row = await cur.fetchone()
-        return _record(row) if row else None
+        return run_from_row(row) if row else None
 
     # --- work distribution -------------------------------------------------------------
 
@@ -924,8 +524,7 @@ class PostgresStore(Store):
     ) -> list[tuple[RunRecord, Lease]]:
         if limit <= 0 or (sagas is not None and not sagas):
             return []
-        capped = {n: c for n, c in (limits or {}).items() if sagas is None or n in sagas}
-        free = [n for n in sagas if n not in capped] if sagas is not None else None
+        free, capped = split_limits(sagas, limits)
         params = {
             "owner": owner,
             "now": now,
@@ -961,8 +560,7 @@ class PostgresStore(Store):
                             sql, {**params, "sagas": [name], "not_sagas": [], "limit": room}
                         )
                         rows += await cur.fetchall()
-            records = sorted((_record(r) for r in rows), key=lambda r: (r.created_at, r.run_id))
-            return [(r, Lease(r.run_id, owner, r.epoch)) for r in records]
+            return leased_runs(rows, owner)
 
         params["limit"] = limit
         return await self._op("claim", op)

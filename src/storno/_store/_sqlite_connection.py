@@ -1,0 +1,211 @@
+"""The SQLite file: its URL, connections, migrations, and the one thread that writes to it.
+
+Every step costs at least one durable write, so writes are the engine's speed limit. All
+writes go through one thread that drains whatever is queued and commits it as one
+transaction (group commit): 32 concurrent runs share one fsync instead of paying 32. Each
+queued operation runs inside its own savepoint, so one refused write (a lost lease) does not
+undo the others in its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from storno._errors import ConfigurationError, StoreError
+from storno._store._migrations import available, too_new
+
+__all__ = ["Op", "Writer", "connect", "migrate", "need_folder", "parse_sqlite_url"]
+
+Op = Callable[[sqlite3.Connection], Any]
+"""A write: runs on the writer's connection inside the batch's transaction."""
+
+_BATCH_MAX = 512
+_SYNCHRONOUS = {"off", "normal", "full", "extra"}
+
+
+def parse_sqlite_url(url: str) -> tuple[Path, str]:
+    """The file path and synchronous level of ``sqlite:///rel.db?synchronous=normal``.
+
+    Three slashes make a path relative to the working directory, four an absolute one (the
+    SQLAlchemy convention). A bare path is accepted too.
+    """
+    if not url.startswith("sqlite:"):
+        return Path(url), "full"
+    parts = urlsplit(url)
+    if parts.netloc:
+        raise ConfigurationError(
+            f"SQLite URL {url!r} has a host part; write sqlite:///relative.db or "
+            f"sqlite:////absolute/path.db"
+        )
+    raw = unquote(parts.path)
+    path = raw[1:] if raw.startswith("/") else raw
+    if not path or path == ":memory:":
+        raise ConfigurationError(
+            f"SQLite URL {url!r} names no file; storno needs a file so that runs survive the "
+            f"process (an in-memory database would lose them)"
+        )
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"synchronous"}
+    if unknown:
+        raise ConfigurationError(
+            f"unknown SQLite URL option(s) {sorted(unknown)} in {url!r}; known: synchronous"
+        )
+    synchronous = query.get("synchronous", ["full"])[-1].lower()
+    if synchronous not in _SYNCHRONOUS:
+        raise ConfigurationError(
+            f"synchronous={synchronous!r} in {url!r}; use one of {sorted(_SYNCHRONOUS)}"
+        )
+    return Path(path), synchronous
+
+
+def need_folder(path: Path) -> None:
+    """Refuse a database file whose folder does not exist (SQLite would not create it)."""
+    if path.parent and not path.parent.exists():
+        raise ConfigurationError(
+            f"cannot create the SQLite database {str(path)!r}: folder "
+            f"{str(path.parent)!r} does not exist"
+        )
+
+
+def connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    """A connection in WAL mode with the given synchronous level, rows readable by name."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations the database lacks, under a write lock; return the version."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS storno_schema "
+            "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
+        current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM storno_schema").fetchone()[0]
+        known = available("sqlite")
+        latest = known[-1].version if known else 0
+        if current > latest:
+            raise too_new(current, latest)
+        for migration in known:
+            if migration.version > current:
+                for statement in _split_sql(migration.sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO storno_schema (version, applied_at) VALUES (?, julianday('now'))",
+                    (migration.version,),
+                )
+                current = migration.version
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return int(current)
+
+
+def _split_sql(sql: str) -> list[str]:
+    """Statements of a migration file; trigger bodies keep their inner semicolons."""
+    statements, buffer = [], ""
+    for line in sql.splitlines(keepends=True):
+        if line.lstrip().startswith("--"):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
+
+
+class Writer(threading.Thread):
+    """The one thread that writes; it commits everything queued at once as one transaction."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        super().__init__(name="storno-sqlite-writer", daemon=True)
+        self._path = path
+        self._synchronous = synchronous
+        self._queue: queue.SimpleQueue[
+            tuple[Op, asyncio.Future[Any], asyncio.AbstractEventLoop] | None
+        ] = queue.SimpleQueue()
+        self.commits = 0  # transactions committed; each is one durable write
+        self.operations = 0  # writes requested; several share a commit under load
+
+    def submit(self, op: Op) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put((op, future, loop))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def run(self) -> None:
+        conn = connect(self._path, self._synchronous)
+        try:
+            stopping = False
+            while not stopping:
+                item = self._queue.get()
+                if item is None:
+                    break
+                batch = [item]
+                while len(batch) < _BATCH_MAX:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stopping = True
+                        break
+                    batch.append(more)
+                self._commit(conn, batch)
+                self.commits += 1
+                self.operations += len(batch)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _commit(
+        conn: sqlite3.Connection,
+        batch: list[tuple[Op, asyncio.Future[Any], asyncio.AbstractEventLoop]],
+    ) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, _, _ in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, op(conn)))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((False, exc))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreError(f"SQLite write failed and was rolled back: {exc}")
+            error.__cause__ = exc
+            outcomes = [(False, error)] * len(batch)
+        for (_, future, loop), outcome in zip(batch, outcomes, strict=True):
+            loop.call_soon_threadsafe(_settle, future, outcome)
+
+
+def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+    if future.cancelled():
+        return
+    ok, value = outcome
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
