@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 import storno
-from storno._model import Event, EventType
+from storno._model import Event, EventType, Lease
 from storno._store import NewRun, open_store
 from storno._store._sqlite import SQLiteStore, migrate, parse_sqlite_url
 
@@ -117,5 +118,40 @@ async def test_claim_only_takes_known_sagas_and_pending_or_expired_runs(tmp_path
         assert await store.renew("w", ["r1", "r3"], now=13.0, lease_seconds=10) == {
             later[0][0].run_id
         }
+    finally:
+        await store.close()
+
+
+async def test_a_failed_write_is_undone_alone_in_its_shared_commit(tmp_path: Path):
+    store = SQLiteStore(f"sqlite:///{tmp_path / 'x.db'}")
+    await store.open()
+    try:
+        leases = {}
+        for run_id in ("good", "bad", "stale"):
+            event = Event(0, EventType.RUN_CREATED, 1.0, None, {}, "{}")
+            record, _ = await store.create_run(
+                NewRun(run_id, "s", "{}", 1.0, None, event), claim_for="w", lease_seconds=30
+            )
+            leases[run_id] = Lease(run_id, "w", record.epoch)
+        stale = Lease("stale", "w", leases["stale"].epoch + 1)  # another worker's epoch
+        commits_before = store.write_counts[0]
+        results = await asyncio.gather(
+            store.write(leases["good"], [Event(1, EventType.RUN_RESUMED, 2.0)], None, now=2.0,
+                        lease_seconds=30),
+            # seq 0 is taken: the insert fails after the lease update was made.
+            store.write(leases["bad"], [Event(0, EventType.RUN_RESUMED, 2.0)], None, now=2.0,
+                        lease_seconds=30),
+            store.write(stale, [Event(1, EventType.RUN_RESUMED, 2.0)], None, now=2.0,
+                        lease_seconds=30),
+            return_exceptions=True,
+        )  # fmt: skip
+        assert results[0] == 0
+        assert isinstance(results[1], sqlite3.IntegrityError)
+        assert isinstance(results[2], storno.LeaseLostError)
+        assert [e.seq for e in await store.history("good")] == [0, 1]
+        assert [e.seq for e in await store.history("bad")] == [0]
+        bad = await store.get_run("bad")
+        assert bad is not None and bad.updated_at == 1.0  # its lease update was undone too
+        assert store.write_counts[0] - commits_before <= 2  # batched, then isolated once
     finally:
         await store.close()

@@ -341,6 +341,8 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> int:
             row = conn.execute(sql, params).fetchone()
             if row is None:
+                # Refused before anything was written: the writer relies on it to skip the
+                # savepoint around each operation.
                 raise lease_lost(lease)
             if rows:
                 conn.executemany(_INSERT_EVENTS, rows)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from storno._errors import ConfigurationError, StoreError
+from storno._errors import ConfigurationError, LeaseLostError, StoreError
 from storno._store._migrations import available, too_new
 
 __all__ = ["Op", "Writer", "connect", "migrate", "need_folder", "parse_sqlite_url"]
@@ -179,33 +179,67 @@ class Writer(threading.Thread):
         conn: sqlite3.Connection,
         batch: list[tuple[Op, asyncio.Future[Any], asyncio.AbstractEventLoop]],
     ) -> None:
-        outcomes: list[tuple[bool, Any]] = []
+        ops = [op for op, _, _ in batch]
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, _, _ in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((True, op(conn)))
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    outcomes.append((False, exc))
-                conn.execute("RELEASE op")
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            error = StoreError(f"SQLite write failed and was rolled back: {exc}")
-            error.__cause__ = exc
-            outcomes = [(False, error)] * len(batch)
+            outcomes = _apply(conn, ops, isolate=False)
+        except _Isolate:
+            outcomes = _apply(conn, ops, isolate=True)
+        # One wake-up of each event loop per batch, not one per write.
+        settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Outcome]]] = {}
         for (_, future, loop), outcome in zip(batch, outcomes, strict=True):
-            loop.call_soon_threadsafe(_settle, future, outcome)
+            settled.setdefault(loop, []).append((future, outcome))
+        for loop, items in settled.items():
+            loop.call_soon_threadsafe(_settle, items)
 
 
-def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
-    if future.cancelled():
-        return
-    ok, value = outcome
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+Outcome = tuple[bool, Any]
+
+
+class _Isolate(Exception):
+    """An operation failed after it may have written: redo the batch, each in a savepoint."""
+
+
+def _apply(conn: sqlite3.Connection, ops: list[Op], *, isolate: bool) -> list[Outcome]:
+    """Run the operations in one transaction; their outcomes in order.
+
+    The fast path runs them side by side. A lost lease is refused before its operation
+    writes anything, so it needs no undoing; any other failure may have left half a write,
+    so the batch starts again with each operation in a savepoint of its own, and only the
+    failed one is undone.
+    """
+    outcomes: list[Outcome] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for op in ops:
+            if isolate:
+                conn.execute("SAVEPOINT op")
+            try:
+                outcomes.append((True, op(conn)))
+            except LeaseLostError as exc:
+                outcomes.append((False, exc))
+            except Exception as exc:
+                if not isolate:
+                    conn.execute("ROLLBACK")
+                    raise _Isolate from exc
+                conn.execute("ROLLBACK TO op")
+                outcomes.append((False, exc))
+            if isolate:
+                conn.execute("RELEASE op")
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        error = StoreError(f"SQLite write failed and was rolled back: {exc}")
+        error.__cause__ = exc
+        outcomes = [(False, error)] * len(ops)
+    return outcomes
+
+
+def _settle(items: list[tuple[asyncio.Future[Any], Outcome]]) -> None:
+    for future, (ok, value) in items:
+        if future.cancelled():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
