@@ -432,6 +432,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds before a round is killed (default 900, scale 3600)",
     )
+    parser.add_argument(
+        "--scale-marks",
+        help="scale: the parked counts to read memory at, comma-separated (default 1000,100000)",
+    )
+    parser.add_argument("--wakeups", type=int, help="scale: wake-ups to time (default 1000)")
+    parser.add_argument(
+        "--park-limit", type=float, help="scale: seconds to stop starting runs (default 900)"
+    )
     parser.add_argument("--out", help="JSON file (default bench/results/<time>.json)")
     args = parser.parse_args(argv)
 
@@ -442,6 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     workloads = parse_list(args.workloads, WORKLOADS, "workload") or list(DEFAULT_WORKLOADS)
     rounds = args.rounds or (1 if args.quick else 3)
     time_cap = args.time_cap if args.time_cap is not None else (10.0 if args.quick else 60.0)
+    scale = SIZES[size]["scale"]
+    if args.scale_marks:
+        scale["marks"] = [int(m) for m in args.scale_marks.split(",")]
+    if args.wakeups is not None:
+        scale["wakeups"] = args.wakeups
+    if args.park_limit is not None:
+        scale["park_limit"] = args.park_limit
     tag = f"r{datetime.now(UTC):%m%d%H%M%S}"
     os.environ["BENCH_RUN_TAG"] = tag
     os.environ["BENCH_TIME_CAP"] = str(time_cap)
