@@ -237,8 +237,9 @@ class Worker:
                 await asyncio.wait_for(self._wake.wait(), pause)
 
     def _released(self, run_id: str) -> bool:
+        """Nothing to renew: the run is not executing yet or any more, or gave its lease up."""
         execution = self._executions.get(run_id)
-        return execution is not None and execution.released
+        return execution is None or execution.released
 
     async def _heartbeat_loop(self) -> None:
         interval = self.app.lease_seconds / 3
