@@ -44,6 +44,7 @@ from storno._store._rows import (
     leased_runs,
     message_from_row,
     message_values,
+    run_filters,
     run_from_row,
 )
 
@@ -183,14 +184,7 @@ class PostgresStore(PostgresConnection, Store):
         limit: int = 100,
         offset: int = 0,
     ) -> list[RunRecord]:
-        clauses, params = [], []
-        if status is not None:
-            clauses.append("status = %s")
-            params.append(status.value)
-        if saga is not None:
-            clauses.append("saga = %s")
-            params.append(saga)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = run_filters(status, saga, "%s")
         sql = (
             f"SELECT * FROM {self._runs} {where} "
             "ORDER BY created_at DESC, run_id LIMIT %s OFFSET %s"

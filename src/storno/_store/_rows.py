@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from storno._model import Event, EventType, InboxMessage, Lease, MessageKind, RunRecord, RunStatus
 
 __all__ = [
+    "run_filters",
     "EVENT_COLUMNS",
     "MESSAGE_COLUMNS",
     "Row",
@@ -102,3 +103,16 @@ def message_from_row(row: Row) -> InboxMessage:
 def message_values(m: InboxMessage) -> tuple[str, str, str | None, str | None, str]:
     """The values of :data:`MESSAGE_COLUMNS` for a message."""
     return (m.kind.value, m.name, m.message_id, m.payload, json.dumps(m.meta))
+
+
+def run_filters(status: RunStatus | None, saga: str | None, mark: str) -> tuple[str, list[str]]:
+    """The WHERE clause (or "") and its parameters for listing runs; ``mark`` is the
+    driver's placeholder (``?`` or ``%s``)."""
+    clauses, params = [], []
+    if status is not None:
+        clauses.append(f"status = {mark}")
+        params.append(status.value)
+    if saga is not None:
+        clauses.append(f"saga = {mark}")
+        params.append(saga)
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params

@@ -31,6 +31,7 @@ from storno._store._rows import (
     leased_runs,
     message_from_row,
     message_values,
+    run_filters,
     run_from_row,
 )
 from storno._store._sqlite_connection import (
@@ -269,14 +270,7 @@ class SQLiteStore(Store):
         limit: int = 100,
         offset: int = 0,
     ) -> list[RunRecord]:
-        clauses, params = [], []
-        if status is not None:
-            clauses.append("status = ?")
-            params.append(status.value)
-        if saga is not None:
-            clauses.append("saga = ?")
-            params.append(saga)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = run_filters(status, saga, "?")
         sql = f"SELECT * FROM storno_runs {where} ORDER BY created_at DESC, run_id LIMIT ? OFFSET ?"
 
         def fn(conn: sqlite3.Connection) -> list[RunRecord]:
