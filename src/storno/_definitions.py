@@ -11,7 +11,7 @@ import copy
 import enum
 import inspect
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import (
     TYPE_CHECKING,
@@ -123,12 +123,18 @@ class _StepDefinition:
     compensate: StepFn | None
     verify: StepFn | None
     signature: inspect.Signature | None = None
+    bound: set[Any] = field(default_factory=set)  # argument shapes that bound before
 
     def bind(self, args: Any, kwargs: Any) -> None:
         """Raise TypeError if the step function cannot take these arguments."""
+        # Whether a call binds depends only on how many arguments and which names it passes.
+        shape = (len(args), *kwargs) if kwargs else len(args)
+        if shape in self.bound:
+            return
         if self.signature is None:
             self.signature = inspect.signature(self.fn)
         self.signature.bind(None, *args, **kwargs)
+        self.bound.add(shape)
 
 
 class Step(Generic[P, R]):

@@ -72,6 +72,7 @@ __all__ = ["EngineHost", "RunExecution"]
 log = logging.getLogger("storno.engine")
 P = ParamSpec("P")
 R = TypeVar("R")
+_TOUCH_EVERY = 1.0  # seconds between updates of a running run's row (updated_at, lease)
 _COMMIT_RETRY = RetryPolicy(initial_interval=0.05, maximum_interval=2.0, maximum_attempts=6)
 
 
@@ -120,6 +121,7 @@ class RunExecution:
         self.released = False  # the run's lease was given up: it ended, parked or suspended
         self.ended: RunRecord | None = None  # the run's final state, once it ended here
         self.written_result, self.written_error = record.result, record.error
+        self.touched_at = host.clock.now()  # the claim just wrote the run's row
         # The step objects the body called, with any call-site overrides: compensation uses
         # them first, and looks steps up by name only when the body did not run this time.
         self.steps_used: dict[int, Step[..., Any]] = {}
@@ -165,14 +167,19 @@ class RunExecution:
                 events, self.pending = self.pending, []
                 state = json.dumps(self.state) if self.state_dirty else None
                 self.state_dirty = False
+                now = self.host.clock.now()
+                # Appending alone leaves the run's row untouched; the row's last change and
+                # lease are refreshed a few times a second at most (the heartbeat renews too).
+                touch = now - self.touched_at >= min(_TOUCH_EVERY, self.host.lease_seconds / 4)
                 try:
                     latest = await self.host.store.write(
                         self.lease,
                         events,
                         update,
-                        now=self.host.clock.now(),
+                        now=now,
                         lease_seconds=self.host.lease_seconds,
                         state=state,
+                        touch=touch,
                     )
                 except StoreError as exc:
                     self.pending[:0] = events
@@ -186,6 +193,8 @@ class RunExecution:
                     log.warning("run %s: write failed, retrying: %s", self.record.run_id, exc)
                     await asyncio.sleep(_COMMIT_RETRY.delay(failures))
                     continue
+                if touch or update is not None or state is not None:
+                    self.touched_at = now
                 self.inbox_latest = max(self.inbox_latest, latest)
                 if update is not None:  # the store keeps the last result and error written
                     self.written_result = update.result or self.written_result

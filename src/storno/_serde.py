@@ -324,11 +324,14 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
 
 
+_PLAIN_DEC = json.JSONDecoder(parse_constant=_no_constant)
+_TAGGED_DEC = json.JSONDecoder(object_hook=_untag, parse_constant=_no_constant)
+
+
 def decode(text: str, *, what: str = "value") -> object:
     """The value ``text`` was encoded from; SerializationError naming ``what`` if it cannot be."""
     try:
-        hook = _untag if TYPE_KEY in text else None
-        return json.loads(text, object_hook=hook, parse_constant=_no_constant)
+        return (_TAGGED_DEC if TYPE_KEY in text else _PLAIN_DEC).decode(text)
     except _Bad as e:
         raise SerializationError(f"cannot read {what}: it {e}") from None
     except (ValueError, RecursionError) as e:

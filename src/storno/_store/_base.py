@@ -157,11 +157,15 @@ class Store(abc.ABC):
         now: float,
         lease_seconds: float,
         state: str | None = None,
+        touch: bool = True,
     ) -> int:
         """Append events and apply the update atomically, renewing the lease; return the
         number of the newest message in the run's inbox (so the engine notices new ones).
 
-        ``state`` replaces the run's published query values (encoded JSON object).
+        ``state`` replaces the run's published query values (encoded JSON object). With
+        ``touch=False`` (no update, no state) a store may only check the lease and append,
+        leaving the run's row, its ``updated_at`` and lease expiry as they are: the engine
+        touches the row often enough for those, and the heartbeat renews the lease.
         Raises :class:`storno.LeaseLostError` if the lease is no longer the run's current one;
         nothing is written then.
         """

@@ -211,6 +211,17 @@ class PostgresStore(PostgresConnection, Store):
 
     # --- writing under a lease ---------------------------------------------------------
 
+    def _insert_events_sql(self) -> str:
+        """The CTE that appends ``%(events)s`` if the ``upd`` CTE found the run leased."""
+        return (
+            f", ev AS (INSERT INTO {self._events} "
+            "(run_id, seq, type, at, position, data, payload) "
+            "SELECT %(run_id)s, e.s, e.t, e.a, e.p, e.d, e.y "
+            "FROM json_to_recordset(%(events)s::json) AS e(s integer, t text, "
+            "a double precision, p integer, d text, y text) "
+            "WHERE EXISTS (SELECT 1 FROM upd))"
+        )
+
     def _write_sql(self, update: RunUpdate | None, with_events: bool) -> str:
         has_update = update is not None
         waits = update is not None and update.release and update.status is RunStatus.WAITING
@@ -239,19 +250,30 @@ class PostgresStore(PostgresConnection, Store):
             "RETURNING inbox_seq, wake_at)"
         )
         if with_events:
-            sql += (
-                f", ev AS (INSERT INTO {self._events} "
-                "(run_id, seq, type, at, position, data, payload) "
-                "SELECT %(run_id)s, e.s, e.t, e.a, e.p, e.d, e.y "
-                "FROM json_to_recordset(%(events)s::json) AS e(s integer, t text, "
-                "a double precision, p integer, d text, y text) "
-                "WHERE EXISTS (SELECT 1 FROM upd))"
-            )
+            sql += self._insert_events_sql()
         sql += " SELECT inbox_seq"
         if waits:
             # Suspended with a wake time: tell idle workers elsewhere when it is due.
             sql += f", CASE WHEN wake_at IS NOT NULL THEN {self._notify_sql('wake_at::text')} END"
         sql += " FROM upd"
+        self._sql_cache[key] = sql
+        return sql
+
+    def _append_sql(self, with_events: bool) -> str:
+        """Append events under the lease without changing the run's row."""
+        key = ("append", with_events)
+        cached = self._sql_cache.get(key)
+        if cached is not None:
+            return cached
+        # FOR SHARE holds off a claim (FOR UPDATE SKIP LOCKED) until this commits, so the
+        # fence holds as an UPDATE's would, without writing a new version of the row.
+        sql = (
+            f"WITH upd AS (SELECT inbox_seq FROM {self._runs} "
+            "WHERE run_id = %(run_id)s AND owner = %(owner)s AND epoch = %(epoch)s FOR SHARE)"
+        )
+        if with_events:
+            sql += self._insert_events_sql()
+        sql += " SELECT inbox_seq FROM upd"
         self._sql_cache[key] = sql
         return sql
 
@@ -264,8 +286,12 @@ class PostgresStore(PostgresConnection, Store):
         now: float,
         lease_seconds: float,
         state: str | None = None,
+        touch: bool = True,
     ) -> int:
-        sql = self._write_sql(update, bool(events))
+        if not touch and update is None and state is None:
+            sql = self._append_sql(bool(events))
+        else:
+            sql = self._write_sql(update, bool(events))
         params: dict[str, Any] = {
             "now": now,
             "expires": now + lease_seconds,

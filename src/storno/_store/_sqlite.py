@@ -52,6 +52,7 @@ def _event_rows(run_id: str, events: Sequence[Event]) -> list[tuple[Any, ...]]:
     return [(run_id, *event_values(e)) for e in events]
 
 
+_FENCE = "SELECT inbox_seq FROM storno_runs WHERE run_id = ? AND owner = ? AND epoch = ?"
 _INSERT_EVENTS = (
     "INSERT INTO storno_events (run_id, seq, type, at, position, data, payload) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -166,19 +167,22 @@ class SQLiteStore(Store):
             return
         need_folder(self.path)
 
-        def setup() -> None:
+        def setup() -> sqlite3.Connection:
             conn = connect(self.path, self.synchronous)
             try:
                 migrate(conn)
-            finally:
+            except BaseException:
                 conn.close()
+                raise
+            return conn
 
         try:
-            await asyncio.to_thread(setup)
+            conn = await asyncio.to_thread(setup)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite database {str(self.path)!r}: {exc}") from exc
         self._writer = Writer(self.path, self.synchronous)
         self._writer.start()
+        self._writer.bind(asyncio.get_running_loop(), conn)
 
     async def close(self) -> None:
         writer, self._writer = self._writer, None
@@ -298,8 +302,23 @@ class SQLiteStore(Store):
         now: float,
         lease_seconds: float,
         state: str | None = None,
+        touch: bool = True,
     ) -> int:
         rows = _event_rows(lease.run_id, events)
+        if not touch and update is None and state is None:
+            fence = (lease.run_id, lease.owner, lease.epoch)
+
+            def append(conn: sqlite3.Connection) -> int:
+                # Reading the row inside the write transaction fences as well as updating it.
+                row = conn.execute(_FENCE, fence).fetchone()
+                if row is None:
+                    raise lease_lost(lease)
+                if rows:
+                    conn.executemany(_INSERT_EVENTS, rows)
+                return int(row[0])
+
+            appended: int = await self._write(append)
+            return appended
         sets = ["updated_at = ?", "lease_expires_at = ?", "state = COALESCE(?, state)"]
         params: list[Any] = [now, now + lease_seconds, state]
         notify: tuple[str, InboxMessage] | None = None

@@ -1,10 +1,13 @@
 """The SQLite file: its URL, connections, migrations, and the one thread that writes to it.
 
-Every step costs at least one durable write, so writes are the engine's speed limit. All
-writes go through one thread that drains whatever is queued and commits it as one
-transaction (group commit): 32 concurrent runs share one fsync instead of paying 32. Each
-queued operation runs inside its own savepoint, so one refused write (a lost lease) does not
-undo the others in its batch.
+Every step costs at least one durable write, so writes are the engine's speed limit. Writes
+are committed in batches (group commit): whatever the runs of one event loop asked for while
+it went round once is committed as one transaction, so 32 concurrent runs share one fsync
+instead of paying 32. The batch is written on the loop's own thread when the file's write lock
+is free at once: handing each write to another thread and back cost more than the commit. When
+another connection holds the lock (a second process, a long migration), the batch goes to a
+writer thread that waits for it, so the loop never blocks on a lock. A failed batch is redone
+with each operation in a savepoint of its own, so one refused write does not undo the others.
 """
 
 from __future__ import annotations
@@ -128,27 +131,77 @@ def _split_sql(sql: str) -> list[str]:
     return statements
 
 
+Item = tuple[Op, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+
 class Writer(threading.Thread):
-    """The one thread that writes; it commits everything queued at once as one transaction."""
+    """Commits queued writes in batches: on the owning loop's thread when the file is free,
+    else on this thread, which waits for the write lock."""
 
     def __init__(self, path: Path, synchronous: str) -> None:
         super().__init__(name="storno-sqlite-writer", daemon=True)
         self._path = path
         self._synchronous = synchronous
-        self._queue: queue.SimpleQueue[
-            tuple[Op, asyncio.Future[Any], asyncio.AbstractEventLoop] | None
-        ] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inline: sqlite3.Connection | None = None
+        self._pending: list[Item] = []
         self.commits = 0  # transactions committed; each is one durable write
         self.operations = 0  # writes requested; several share a commit under load
+
+    def bind(self, loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection) -> None:
+        """Write batches of this loop's runs on its own thread, through ``conn``."""
+        conn.execute("PRAGMA busy_timeout=0")  # a held lock sends the batch to the thread
+        self._inline = conn
+        self._loop = loop
 
     def submit(self, op: Op) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put((op, future, loop))
+        if loop is self._loop and self._inline is not None:
+            if not self._pending:
+                # Runs resumed in this pass of the loop queue their writes before the flush.
+                loop.call_soon(self._flush)
+            self._pending.append((op, future, loop))
+        else:
+            self._queue.put((op, future, loop))
         return future
 
     def stop(self) -> None:
+        """Finish what is queued, then end the thread (call on the owning loop's thread)."""
+        self._flush()
+        inline, self._inline = self._inline, None
+        if inline is not None:
+            inline.close()
         self._queue.put(None)
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        conn = self._inline
+        if not batch:
+            return
+        if conn is None:
+            self._hand_over(batch)
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            # Another connection holds the write lock: wait for it on the writer thread.
+            self._hand_over(batch)
+            return
+        try:
+            outcomes = _apply(conn, [op for op, _, _ in batch], isolate=False, begun=True)
+        except _Isolate:
+            self._hand_over(batch)
+            return
+        self.commits += 1
+        self.operations += len(batch)
+        futures = [future for _, future, _ in batch]
+        _settle(list(zip(futures, outcomes, strict=True)))
+
+    def _hand_over(self, batch: list[Item]) -> None:
+        for item in batch:
+            self._queue.put(item)
 
     def run(self) -> None:
         conn = connect(self._path, self._synchronous)
@@ -175,10 +228,7 @@ class Writer(threading.Thread):
             conn.close()
 
     @staticmethod
-    def _commit(
-        conn: sqlite3.Connection,
-        batch: list[tuple[Op, asyncio.Future[Any], asyncio.AbstractEventLoop]],
-    ) -> None:
+    def _commit(conn: sqlite3.Connection, batch: list[Item]) -> None:
         ops = [op for op, _, _ in batch]
         try:
             outcomes = _apply(conn, ops, isolate=False)
@@ -199,7 +249,9 @@ class _Isolate(Exception):
     """An operation failed after it may have written: redo the batch, each in a savepoint."""
 
 
-def _apply(conn: sqlite3.Connection, ops: list[Op], *, isolate: bool) -> list[Outcome]:
+def _apply(
+    conn: sqlite3.Connection, ops: list[Op], *, isolate: bool, begun: bool = False
+) -> list[Outcome]:
     """Run the operations in one transaction; their outcomes in order.
 
     The fast path runs them side by side. A lost lease is refused before its operation
@@ -209,7 +261,8 @@ def _apply(conn: sqlite3.Connection, ops: list[Op], *, isolate: bool) -> list[Ou
     """
     outcomes: list[Outcome] = []
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        if not begun:
+            conn.execute("BEGIN IMMEDIATE")
         for op in ops:
             if isolate:
                 conn.execute("SAVEPOINT op")
