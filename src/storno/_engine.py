@@ -431,9 +431,13 @@ class RunExecution:
                 unknown = False
             elif found is not UNKNOWN:
                 return found
+        # An attempt cut short by a stopped worker says nothing about the other system, so
+        # the first retry after a restart does not wait out a backoff (it still counts).
+        backoff = not (state is not None and state.last_attempt_open)
         while True:
             now = clock.now()
-            delay = policy.delay(attempts, self.rng) if attempts else 0.0
+            delay = policy.delay(attempts, self.rng) if attempts and backoff else 0.0
+            backoff = True
             reason = None
             if attempts and last_error.get("retryable") is False:
                 reason = "terminal error"

@@ -208,8 +208,14 @@ class Worker:
         self._saturated = len(claimed) == free
         if inheriting and not self._saturated:
             self._inheriting = False
-        for record, lease in claimed:
-            self._spawn(record, lease, None)
+        if claimed:
+            try:
+                histories = await self.app.store.histories([r.run_id for r, _ in claimed])
+            except StoreError as exc:  # each execution reads its own history then
+                log.warning("loading the histories of claimed runs failed: %s", exc)
+                histories = {}
+            for record, lease in claimed:
+                self._spawn(record, lease, histories.get(record.run_id))
         return free, len(claimed)
 
     async def _claim_loop(self) -> None:

@@ -143,9 +143,13 @@ class Store(abc.ABC):
     ) -> list[RunRecord]:
         """Runs, newest first, optionally filtered."""
 
-    @abc.abstractmethod
     async def history(self, run_id: str) -> list[Event]:
         """The run's whole history in order."""
+        return (await self.histories([run_id])).get(run_id, [])
+
+    @abc.abstractmethod
+    async def histories(self, run_ids: Sequence[str]) -> dict[str, list[Event]]:
+        """The whole histories of these runs in one read (a claim loads many at once)."""
 
     @abc.abstractmethod
     async def write(

@@ -197,15 +197,20 @@ class PostgresStore(PostgresConnection, Store):
 
         return await self._op("list_runs", op)
 
-    async def history(self, run_id: str) -> list[Event]:
-        async def op(conn: Connection, attempt: int) -> list[Event]:
+    async def histories(self, run_ids: Sequence[str]) -> dict[str, list[Event]]:
+        ids = list(dict.fromkeys(run_ids))
+
+        async def op(conn: Connection, attempt: int) -> dict[str, list[Event]]:
+            found: dict[str, list[Event]] = {run_id: [] for run_id in ids}
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
-                f"SELECT seq, type, at, position, data, payload FROM {self._events} "
-                "WHERE run_id = %s ORDER BY seq",
-                (run_id,),
+                f"SELECT run_id, seq, type, at, position, data, payload FROM {self._events} "
+                "WHERE run_id = ANY(%s) ORDER BY run_id, seq",
+                (ids,),
             )
-            return [event_from_row(r) for r in await cur.fetchall()]
+            for row in await cur.fetchall():
+                found[row["run_id"]].append(event_from_row(row))
+            return found
 
         return await self._op("history", op)
 

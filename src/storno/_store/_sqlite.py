@@ -282,14 +282,21 @@ class SQLiteStore(Store):
 
         return await self._read(fn)
 
-    async def history(self, run_id: str) -> list[Event]:
-        def fn(conn: sqlite3.Connection) -> list[Event]:
-            rows = conn.execute(
-                "SELECT seq, type, at, position, data, payload FROM storno_events "
-                "WHERE run_id = ? ORDER BY seq",
-                (run_id,),
-            )
-            return [event_from_row(r) for r in rows]
+    async def histories(self, run_ids: Sequence[str]) -> dict[str, list[Event]]:
+        ids = list(dict.fromkeys(run_ids))
+
+        def fn(conn: sqlite3.Connection) -> dict[str, list[Event]]:
+            found: dict[str, list[Event]] = {run_id: [] for run_id in ids}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = conn.execute(
+                    "SELECT run_id, seq, type, at, position, data, payload FROM storno_events "
+                    f"WHERE run_id IN ({','.join('?' * len(chunk))}) ORDER BY run_id, seq",
+                    chunk,
+                )
+                for row in rows:
+                    found[row["run_id"]].append(event_from_row(row))
+            return found
 
         return await self._read(fn)
 
