@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from storno._clock import Clock, SystemClock
 from storno._context import APPROVAL_SIGNAL
 from storno._definitions import Saga, Step
+from storno._engine import Birth
 from storno._errors import (
     CompensationFailedError,
     ConfigurationError,
@@ -25,6 +27,7 @@ from storno._errors import (
     RunFailedError,
     RunNotFoundError,
     RunStateError,
+    StoreError,
     WaitTimeoutError,
 )
 from storno._history import fold
@@ -40,7 +43,7 @@ from storno._model import (
 )
 from storno._plan import PLAN_SAGA, Plan, PlanStep, parse_plan, validate_plan
 from storno._serde import DEFAULT_MAX_PAYLOAD_BYTES, decode, describe, encode
-from storno._store import NewRun, Store, open_store
+from storno._store import NewRun, RunExistsError, Store, open_store
 from storno._views import RunInfo, describe_run
 from storno._worker import Worker
 
@@ -264,6 +267,12 @@ class Storno:
         if created:
             self.wake_workers()
 
+    def _watch(self, run_id: str) -> asyncio.Future[RunRecord | None]:
+        """A future settled when the run next stops executing in this process."""
+        future: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(run_id, []).append(future)
+        return future
+
     def _run_settled(self, run_id: str, ended: RunRecord | None = None) -> None:
         """A run stopped executing here; ``ended`` is its final state if it ended here."""
         for future in self._waiters.pop(run_id, []):
@@ -332,6 +341,24 @@ class Storno:
         # limit; others are leased to a local worker as they are created.
         direct = not scheduled and not saga.max_concurrent
         worker = next((w for w in self._workers if w.try_reserve()), None) if direct else None
+        if worker is not None and not worker.executing(run_id):
+            # The run is inserted with its first write: one commit fewer per run.
+            record = RunRecord(
+                run_id, saga.name, RunStatus.RUNNING, text, now, now, deadline=deadline,
+                owner=worker.id, lease_expires_at=now + self.lease_seconds, epoch=1,
+            )  # fmt: skip
+            birth = Birth(new)
+            settled = self._watch(run_id)
+            worker.adopt(record, Lease(run_id, worker.id, 1), [event], birth)
+            try:
+                await birth.recorded
+            except RunExistsError:
+                existing = await self.store.get_run(run_id)
+                if existing is None:
+                    raise StoreError(f"run {run_id} was neither created nor found") from None
+                self._check_same(existing, saga, text)
+                return RunHandle(self, run_id)
+            return RunHandle(self, run_id, settled=settled)
         try:
             record, created = await self.store.create_run(
                 new, claim_for=worker.id if worker else None, lease_seconds=self.lease_seconds
@@ -343,20 +370,26 @@ class Storno:
         if not created:
             if worker:
                 worker.unreserve()
-            if record.saga != saga.name or record.input != text:
-                raise RunConflictError(
-                    f"run {run_id!r} already exists as saga {record.saga!r} with input "
-                    f"{describe(record.input)}; this start asked for saga {saga.name!r} with "
-                    f"{describe(text)}. A run id names one run: use a new id for other work"
-                )
+            self._check_same(record, saga, text)
         elif worker:
+            settled = self._watch(run_id)
             worker.adopt(record, Lease(run_id, worker.id, record.epoch), [event])
-            return RunHandle(self, run_id, executing_here=True)
+            return RunHandle(self, run_id, settled=settled)
         elif start_at is not None:
             self.note_wake(start_at)
         else:
             self.wake_workers()
         return RunHandle(self, run_id)
+
+    @staticmethod
+    def _check_same(record: RunRecord, saga: Saga[..., Any], text: str) -> None:
+        """Refuse to start under an existing run's id with another saga or input."""
+        if record.saga != saga.name or record.input != text:
+            raise RunConflictError(
+                f"run {record.run_id!r} already exists as saga {record.saga!r} with input "
+                f"{describe(record.input)}; this start asked for saga {saga.name!r} with "
+                f"{describe(text)}. A run id names one run: use a new id for other work"
+            )
 
     async def run(self, saga: Saga[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Start a run and wait for its result (a worker must be running somewhere)."""
@@ -517,12 +550,18 @@ class Storno:
 class RunHandle(Generic[R]):
     """A started run: wait for its result, read its status and history."""
 
-    def __init__(self, app: Storno, run_id: str, *, executing_here: bool = False) -> None:
+    def __init__(
+        self,
+        app: Storno,
+        run_id: str,
+        *,
+        settled: asyncio.Future[RunRecord | None] | None = None,
+    ) -> None:
         self.app = app
         self.run_id = run_id
-        # Created already leased to a worker of this process: it tells result() when the run
-        # settles, so the first look at the store can wait for that.
-        self._executing_here = executing_here
+        # Set for a run executing in this process: it settles when the run stops here (with
+        # its final state if it ended), so the first look at the store can wait for that.
+        self._settled = settled
 
     def __repr__(self) -> str:
         return f"<storno.RunHandle {self.run_id}>"
@@ -546,19 +585,23 @@ class RunHandle(Generic[R]):
         loop = asyncio.get_running_loop()
         give_up = None if timeout is None else loop.time() + timeout
         interval = 0.01
-        # A run executing here reports its end directly; only then is the store not read.
         known: RunRecord | None = None
-        look, self._executing_here = not self._executing_here, False
+        settled, self._settled = self._settled, None
+        if settled is not None:
+            # The run executes here and says when it stops: wait for that, not the store.
+            with contextlib.suppress(TimeoutError):
+                known = await asyncio.wait_for(
+                    asyncio.shield(settled), None if give_up is None else give_up - loop.time()
+                )
         while True:
             future: asyncio.Future[RunRecord | None] = loop.create_future()
             self.app._waiters.setdefault(self.run_id, []).append(future)
             record = known
-            if record is None and look:
+            if record is None:
                 record = await self.app.store.get_run(self.run_id)
                 if record is None:
                     raise RunNotFoundError(self.run_id)
-            look = True
-            if record is not None and record.status in ENDED:
+            if record.status in ENDED:
                 waiters = self.app._waiters.get(self.run_id, [])
                 if future in waiters:
                     waiters.remove(future)
@@ -568,9 +611,8 @@ class RunHandle(Generic[R]):
                 raise _FAILURES[record.status](self.run_id, record.status.value, record.error)
             wait = interval if give_up is None else min(interval, give_up - loop.time())
             if wait <= 0:
-                status = record.status.value if record else "not ended"
                 raise WaitTimeoutError(
-                    f"run {self.run_id} is still {status} after {timeout}s; it "
+                    f"run {self.run_id} is still {record.status.value} after {timeout}s; it "
                     f"goes on, wait again or look at it with `storno show {self.run_id}`"
                 )
             try:

@@ -22,6 +22,7 @@ import click
 
 from storno._app import DEFAULT_URL, ENDED, Storno
 from storno._demo import STEP_NAMES, render_ledgers, run_demo
+from storno._engine import Birth
 from storno._errors import StornoError
 from storno._model import Event, Lease, RunRecord, RunStatus
 from storno._store import open_store
@@ -292,10 +293,16 @@ class _LoggingWorker(Worker):
     The worker has no hook for this yet, so the CLI wraps its per-run method.
     """
 
-    async def _execute(self, record: RunRecord, lease: Lease, history: list[Event] | None) -> None:
+    async def _execute(
+        self,
+        record: RunRecord,
+        lease: Lease,
+        history: list[Event] | None,
+        birth: Birth | None,
+    ) -> None:
         log.info("run %s: picked up (saga %s, %s)", record.run_id, record.saga, record.status)
         try:
-            await super()._execute(record, lease, history)
+            await super()._execute(record, lease, history, birth)
         finally:
             now = await self.app.store.get_run(record.run_id)
             if now is not None and now.status in ENDED:

@@ -30,7 +30,8 @@ async def compensate(x: RunExecution, error: dict[str, Any]) -> None:
     cancelled), or as a dead letter if a compensation keeps failing."""
     if x.record.status is not RunStatus.COMPENSATING:
         x.append(EventType.COMPENSATION_STARTED, data={"error": error})
-        await x.commit(RunUpdate(RunStatus.COMPENSATING, error=error))
+        # Made durable with the first compensation's start (or the run's end): one commit.
+        x.deferred_update = RunUpdate(RunStatus.COMPENSATING, error=error)
     for state in fold(x.events).to_compensate():
         if state.compensation and state.compensation.status in ("completed", "skipped"):
             continue

@@ -11,6 +11,7 @@ outcome unknown, which the engine handles anyway (rule 3).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -59,7 +60,7 @@ from storno._model import (
     forward_key,
 )
 from storno._serde import decode, describe, encode
-from storno._store import NewRun, RunUpdate, Store
+from storno._store import NewRun, RunExistsError, RunUpdate, Store
 from storno._waits import (
     Cancelled,
     Suspend,
@@ -67,11 +68,12 @@ from storno._waits import (
     check_order,
 )
 
-__all__ = ["EngineHost", "RunExecution"]
+__all__ = ["Birth", "EngineHost", "RunExecution"]
 
 log = logging.getLogger("storno.engine")
 P = ParamSpec("P")
 R = TypeVar("R")
+_BIRTH_DELAY = 0.05  # seconds a start waits for the body's first write before forcing it
 _TOUCH_EVERY = 1.0  # seconds between updates of a running run's row (updated_at, lease)
 _COMMIT_RETRY = RetryPolicy(initial_interval=0.05, maximum_interval=2.0, maximum_attempts=6)
 
@@ -103,10 +105,38 @@ class EngineHost(Protocol):
         """Events of a run were made durable by this process (for listeners: metrics, logs)."""
 
 
+class Birth:
+    """A run started here that its first write creates, saving a commit; ``recorded`` is
+    settled once it is durable (or failed to be). A body that has not written by then is
+    made to write after :data:`_BIRTH_DELAY`, so that the start is never held up long."""
+
+    def __init__(self, run: NewRun) -> None:
+        self.run = run
+        self.recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def settle(self, error: BaseException | None = None) -> None:
+        if not self.recorded.done():
+            if error is None:
+                self.recorded.set_result(None)
+            else:
+                self.recorded.set_exception(error)
+
+    def abandon(self) -> None:
+        """The execution stopped; a run never written was never created."""
+        self.settle(StoreError(f"run {self.run.run_id} stopped before it was recorded"))
+
+
 class RunExecution:
     """One run driven forward (or back) by one worker under one lease."""
 
-    def __init__(self, host: EngineHost, record: RunRecord, lease: Lease, history: list[Event]):
+    def __init__(
+        self,
+        host: EngineHost,
+        record: RunRecord,
+        lease: Lease,
+        history: list[Event],
+        birth: Birth | None = None,
+    ):
         self.host = host
         self.record = record
         self.lease = lease
@@ -134,6 +164,9 @@ class RunExecution:
         self.consumed = set(self.recorded.consumed)
         self.state: dict[str, Any] = dict(record.state or {})
         self.state_dirty = False
+        self.deferred_update: RunUpdate | None = None  # goes with the next commit
+        self.birth = birth
+        self.create = birth.run if birth else None  # the run to insert with the first write
         if len(history) > 1 or record.epoch > 1:
             self.append(
                 EventType.RUN_RESUMED,
@@ -162,6 +195,12 @@ class RunExecution:
     async def commit(self, update: RunUpdate | None = None) -> None:
         """Make the buffered events (and the update) durable, renewing the lease."""
         async with self.commit_lock:
+            deferred = self.deferred_update
+            if deferred is not None:
+                if update is None:
+                    update = deferred
+                elif update.error is None:
+                    update = dataclasses.replace(update, error=deferred.error)
             failures = 0
             while True:
                 events, self.pending = self.pending, []
@@ -180,21 +219,26 @@ class RunExecution:
                         lease_seconds=self.host.lease_seconds,
                         state=state,
                         touch=touch,
+                        create=self.create,
                     )
                 except StoreError as exc:
                     self.pending[:0] = events
                     self.state_dirty = self.state_dirty or state is not None
                     if isinstance(exc, LeaseLostError):
                         self.lease_lost = True
+                        self._born(exc)
                         raise
                     failures += 1
                     if not _COMMIT_RETRY.allows_another(failures):
+                        self._born(exc)
                         raise
                     log.warning("run %s: write failed, retrying: %s", self.record.run_id, exc)
                     await asyncio.sleep(_COMMIT_RETRY.delay(failures))
                     continue
                 if touch or update is not None or state is not None:
                     self.touched_at = now
+                self.deferred_update = None
+                self._born(None)
                 self.inbox_latest = max(self.inbox_latest, latest)
                 if update is not None:  # the store keeps the last result and error written
                     self.written_result = update.result or self.written_result
@@ -203,6 +247,18 @@ class RunExecution:
                 if events:
                     self.host.committed(self.record, events)
                 return
+
+    def _born(self, error: BaseException | None) -> None:
+        if self.birth is not None:
+            self.create = None
+            self.birth.settle(error)
+            self.birth = None
+
+    async def _force_birth(self) -> None:
+        """Write the run now if its body has not yet: its start is waiting for that."""
+        if self.create is not None:
+            with contextlib.suppress(StoreError):
+                await self.commit()
 
     async def end(self, update: RunUpdate) -> None:
         """Record the run's end (or parking); a child tells its parent in the same write."""
@@ -242,6 +298,21 @@ class RunExecution:
 
     async def execute(self) -> None:
         """Drive the run until it ends, parks, or this worker loses its lease."""
+        forcing: list[asyncio.Task[None]] = []
+        timer = None
+        if self.birth is not None:
+            timer = asyncio.get_running_loop().call_later(
+                _BIRTH_DELAY, lambda: forcing.append(asyncio.create_task(self._force_birth()))
+            )
+        try:
+            await self._execute()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for task in forcing:
+                await task
+
+    async def _execute(self) -> None:
         try:
             if self.record.status is RunStatus.COMPENSATING:
                 await compensate(self, self.record.error or {"message": "compensation resumed"})
@@ -252,6 +323,8 @@ class RunExecution:
                 self,
                 {"type": "Cancelled", "message": str(cancel), "by": cancel.by},
             )
+        except RunExistsError:
+            pass  # started twice under one id: the start hands out the existing run
         except LeaseLostError:
             log.warning("run %s: lease lost to another worker; stopping", self.record.run_id)
 

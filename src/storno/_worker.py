@@ -16,7 +16,7 @@ import socket
 import uuid
 from typing import TYPE_CHECKING
 
-from storno._engine import RunExecution
+from storno._engine import Birth, RunExecution
 from storno._errors import ConfigurationError, StoreError
 from storno._model import Event, Lease, RunRecord
 
@@ -153,13 +153,29 @@ class Worker:
     def unreserve(self) -> None:
         self._reserved -= 1
 
-    def adopt(self, record: RunRecord, lease: Lease, history: list[Event]) -> None:
-        """Execute a run that was created already leased to this worker."""
+    def adopt(
+        self,
+        record: RunRecord,
+        lease: Lease,
+        history: list[Event],
+        birth: Birth | None = None,
+    ) -> None:
+        """Execute a run that was created already leased to this worker, or (``birth``)
+        that its first write will create."""
         self._reserved -= 1
-        self._spawn(record, lease, history)
+        self._spawn(record, lease, history, birth)
 
-    def _spawn(self, record: RunRecord, lease: Lease, history: list[Event] | None) -> None:
-        task = asyncio.create_task(self._execute(record, lease, history))
+    def executing(self, run_id: str) -> bool:
+        return run_id in self._tasks
+
+    def _spawn(
+        self,
+        record: RunRecord,
+        lease: Lease,
+        history: list[Event] | None,
+        birth: Birth | None = None,
+    ) -> None:
+        task = asyncio.create_task(self._execute(record, lease, history, birth))
         self._tasks[record.run_id] = task
 
         def done(_: asyncio.Task[None]) -> None:
@@ -171,12 +187,18 @@ class Worker:
 
         task.add_done_callback(done)
 
-    async def _execute(self, record: RunRecord, lease: Lease, history: list[Event] | None) -> None:
+    async def _execute(
+        self,
+        record: RunRecord,
+        lease: Lease,
+        history: list[Event] | None,
+        birth: Birth | None,
+    ) -> None:
         execution: RunExecution | None = None
         try:
             if history is None:
                 history = await self.app.store.history(record.run_id)
-            execution = RunExecution(self.app, record, lease, history)
+            execution = RunExecution(self.app, record, lease, history, birth)
             self._executions[record.run_id] = execution
             await execution.execute()
         except asyncio.CancelledError:
@@ -185,6 +207,8 @@ class Worker:
             # The lease expires and another attempt resumes the run from its history.
             log.exception("run %s: execution stopped by an unexpected error", record.run_id)
         finally:
+            if birth is not None:
+                birth.abandon()
             self._executions.pop(record.run_id, None)
             self.app._run_settled(record.run_id, execution.ended if execution else None)
 
@@ -245,7 +269,7 @@ class Worker:
     def _released(self, run_id: str) -> bool:
         """Nothing to renew: the run is not executing yet or any more, or gave its lease up."""
         execution = self._executions.get(run_id)
-        return execution is None or execution.released
+        return execution is None or execution.released or execution.create is not None
 
     async def _heartbeat_loop(self) -> None:
         interval = self.app.lease_seconds / 3

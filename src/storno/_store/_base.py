@@ -20,6 +20,7 @@ __all__ = [
     "ENDED_STATUSES",
     "Delivery",
     "NewRun",
+    "RunExistsError",
     "RunUpdate",
     "Store",
     "lease_lost",
@@ -40,6 +41,15 @@ class NewRun:
     event: Event
     wake_at: float | None = None  # a scheduled start: no worker claims the run before
     parent_run_id: str | None = None
+
+
+class RunExistsError(LeaseLostError):
+    """A run meant to be created with its first write exists already: this execution of it
+    holds no lease and stops; the start returns the existing run."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} exists already")
+        self.run_id = run_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +172,7 @@ class Store(abc.ABC):
         lease_seconds: float,
         state: str | None = None,
         touch: bool = True,
+        create: NewRun | None = None,
     ) -> int:
         """Append events and apply the update atomically, renewing the lease; return the
         number of the newest message in the run's inbox (so the engine notices new ones).
@@ -170,6 +181,8 @@ class Store(abc.ABC):
         ``touch=False`` (no update, no state) a store may only check the lease and append,
         leaving the run's row, its ``updated_at`` and lease expiry as they are: the engine
         touches the row often enough for those, and the heartbeat renews the lease.
+        ``create`` inserts that run (leased to ``lease.owner``, epoch 1) in the same
+        transaction first; :class:`RunExistsError` if its id is taken, and nothing is written.
         Raises :class:`storno.LeaseLostError` if the lease is no longer the run's current one;
         nothing is written then.
         """

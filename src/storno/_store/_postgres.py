@@ -29,6 +29,7 @@ from storno._store._base import (
     ENDED_STATUSES,
     Delivery,
     NewRun,
+    RunExistsError,
     RunUpdate,
     Store,
     lease_lost,
@@ -74,7 +75,7 @@ _EVENT_KEYS = ("s", "t", "a", "p", "d", "y")  # EVENT_COLUMNS as json_to_records
 
 def _events_json(events: Sequence[Event]) -> str:
     """Events as one JSON text, unpacked by the server (cheaper to send than six arrays).
-    ``data`` goes as a string so that the stored text is exactly ``json.dumps(data)``."""
+    ``data`` goes as a string so that the stored text is exactly what SQLite stores."""
     return json.dumps([dict(zip(_EVENT_KEYS, event_values(e), strict=True)) for e in events])
 
 
@@ -112,6 +113,21 @@ class PostgresStore(PostgresConnection, Store):
     async def create_run(
         self, run: NewRun, *, claim_for: str | None, lease_seconds: float
     ) -> tuple[RunRecord, bool]:
+        async def op(conn: Connection, attempt: int) -> tuple[RunRecord, bool]:
+            return await self._insert_run(conn, run, claim_for, lease_seconds, attempt)
+
+        return await self._op("create_run", op)
+
+    async def _insert_run(
+        self,
+        conn: Connection,
+        run: NewRun,
+        claim_for: str | None,
+        lease_seconds: float,
+        attempt: int,
+    ) -> tuple[RunRecord, bool]:
+        """Insert a run with its first event; the existing run (and ``False``) if the id is
+        taken, unless an earlier try of this very insert committed (then ``True``)."""
         claimed = claim_for is not None
         # A run claimed by its creator is executed at once; only others need waking.
         notify = "" if claimed else f", {self._notify_sql('%(wake)s')} AS notified"
@@ -140,32 +156,28 @@ class PostgresStore(PostgresConnection, Store):
             "wake": repr(run.wake_at) if run.wake_at is not None else "",
             **dict(zip(EVENT_COLUMNS, event_values(run.event), strict=True)),
         }
-
-        async def op(conn: Connection, attempt: int) -> tuple[RunRecord, bool]:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(sql, params)
-            row = await cur.fetchone()
-            if row is not None:
-                return run_from_row(row), True
-            # It exists (perhaps inserted by a concurrent start, committed since).
-            await cur.execute(f"SELECT * FROM {self._runs} WHERE run_id = %s", (run.run_id,))
-            row = await cur.fetchone()
-            if row is None:
-                raise StoreError(f"run {run.run_id} was neither created nor found")
-            record = run_from_row(row)
-            # An earlier try of this very call may have committed before its answer was
-            # lost: the same creation time, saga, input and claim mean it is ours.
-            ours = (
-                attempt > 0
-                and record.created_at == run.created_at
-                and record.saga == run.saga
-                and record.input == run.input
-                and record.owner == claim_for
-                and (not claimed or record.epoch == 1)
-            )
-            return record, ours
-
-        return await self._op("create_run", op)
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(sql, params)
+        row = await cur.fetchone()
+        if row is not None:
+            return run_from_row(row), True
+        # It exists (perhaps inserted by a concurrent start, committed since).
+        await cur.execute(f"SELECT * FROM {self._runs} WHERE run_id = %s", (run.run_id,))
+        row = await cur.fetchone()
+        if row is None:
+            raise StoreError(f"run {run.run_id} was neither created nor found")
+        record = run_from_row(row)
+        # An earlier try of this very call may have committed before its answer was
+        # lost: the same creation time, saga, input and claim mean it is ours.
+        ours = (
+            attempt > 0
+            and record.created_at == run.created_at
+            and record.saga == run.saga
+            and record.input == run.input
+            and record.owner == claim_for
+            and (not claimed or record.epoch == 1)
+        )
+        return record, ours
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         async def op(conn: Connection, attempt: int) -> RunRecord | None:
@@ -292,6 +304,7 @@ class PostgresStore(PostgresConnection, Store):
         lease_seconds: float,
         state: str | None = None,
         touch: bool = True,
+        create: NewRun | None = None,
     ) -> int:
         if not touch and update is None and state is None:
             sql = self._append_sql(bool(events))
@@ -325,18 +338,25 @@ class PostgresStore(PostgresConnection, Store):
         async def op(conn: Connection, attempt: int) -> int:
             uncertain = attempt > 0 or key in self._uncertain
             try:
-                if notify is None:
+                if notify is None and create is None:
                     cur = await conn.execute(sql, params)
                     row = await cur.fetchone()
                     if row is None:
                         raise _Fenced
                     return int(row[0])
                 async with conn.transaction():
+                    if create is not None:
+                        # A run started here is inserted with its first write.
+                        insert = self._insert_run(conn, create, lease.owner, lease_seconds, attempt)
+                        if not (await insert)[1]:
+                            raise RunExistsError(create.run_id)
                     cur = await conn.execute(sql, params)
                     row = await cur.fetchone()
                     if row is None:
                         raise _Fenced
-                    await self._deliver_in(conn, notify[0], notify[1], now, uncertain=uncertain)
+                    if notify is not None:
+                        run_id, message = notify
+                        await self._deliver_in(conn, run_id, message, now, uncertain=uncertain)
                     return int(row[0])
             except (_Fenced, psycopg.errors.UniqueViolation) as exc:
                 # Refused, or its events are there already: if an earlier try whose answer

@@ -6,8 +6,9 @@ read by either backend, by column name, maps to the model the same way.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from storno._model import Event, EventType, InboxMessage, Lease, MessageKind, RunRecord, RunStatus
@@ -79,12 +80,38 @@ def event_from_row(row: Row) -> Event:
     )
 
 
+def _refuse(o: object) -> Any:
+    raise TypeError(f"event data holds a {type(o).__name__}, which is not JSON")
+
+
+def _compact_encoder() -> Callable[[Any], str]:
+    """``json.dumps(data, separators=(",", ":"))``, with the C encoder made once: building it
+    anew for every small dict cost as much as the encoding itself."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    fallback = functools.partial(json.dumps, separators=(",", ":"), default=_refuse)
+    if make is None:
+        return fallback
+    try:
+        chunks = make(None, _refuse, json.encoder.encode_basestring_ascii, None, ":", ",",
+                      False, False, True)  # fmt: skip
+        if "".join(chunks({"a": [1, 2.5, None]}, 0)) != '{"a":[1,2.5,null]}':
+            return fallback
+    except Exception:
+        return fallback
+    return lambda data: "".join(chunks(data, 0))
+
+
+dump_data = _compact_encoder()
+"""The JSON text an event's ``data`` is stored as (engine-built dicts: no cycles)."""
+
+
 def event_values(e: Event) -> tuple[int, str, float, int | None, str, str | None]:
     """The values of :data:`EVENT_COLUMNS` for an event.
 
-    ``data`` is stored as the text ``json.dumps(data)``, the same on both backends.
+    ``data`` is stored as the compact JSON text :data:`dump_data` makes, the same on both
+    backends.
     """
-    return (e.seq, e.type.value, e.at, e.position, json.dumps(e.data), e.payload)
+    return (e.seq, e.type.value, e.at, e.position, dump_data(e.data), e.payload)
 
 
 def message_from_row(row: Row) -> InboxMessage:

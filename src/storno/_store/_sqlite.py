@@ -20,6 +20,7 @@ from storno._store._base import (
     ENDED_STATUSES,
     Delivery,
     NewRun,
+    RunExistsError,
     RunUpdate,
     Store,
     lease_lost,
@@ -90,6 +91,40 @@ def _deliver(
         (seq, now, run_id),
     )
     return Delivery(status, seq)
+
+
+def _insert_run(
+    conn: sqlite3.Connection, run: NewRun, claim_for: str | None, lease_seconds: float
+) -> tuple[sqlite3.Row, bool]:
+    """Insert a run with its first event; the existing row (and ``False``) if the id is taken."""
+    claimed = claim_for is not None
+    row = conn.execute(
+        "INSERT INTO storno_runs (run_id, saga, status, input, created_at, updated_at,"
+        " deadline, owner, lease_expires_at, epoch, wake_at, parent_run_id)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT (run_id) DO NOTHING RETURNING *",
+        (
+            run.run_id,
+            run.saga,
+            (RunStatus.RUNNING if claimed else RunStatus.PENDING).value,
+            run.input,
+            run.created_at,
+            run.created_at,
+            run.deadline,
+            claim_for,
+            run.created_at + lease_seconds if claimed else None,
+            1 if claimed else 0,
+            run.wake_at,
+            run.parent_run_id,
+        ),
+    ).fetchone()
+    if row is None:
+        existing = conn.execute(
+            "SELECT * FROM storno_runs WHERE run_id = ?", (run.run_id,)
+        ).fetchone()
+        return existing, False
+    conn.executemany(_INSERT_EVENTS, _event_rows(run.run_id, [run.event]))
+    return row, True
 
 
 def _executing(conn: sqlite3.Connection, saga: str, now: float) -> int:
@@ -227,34 +262,8 @@ class SQLiteStore(Store):
         self, run: NewRun, *, claim_for: str | None, lease_seconds: float
     ) -> tuple[RunRecord, bool]:
         def op(conn: sqlite3.Connection) -> tuple[RunRecord, bool]:
-            claimed = claim_for is not None
-            row = conn.execute(
-                "INSERT INTO storno_runs (run_id, saga, status, input, created_at, updated_at,"
-                " deadline, owner, lease_expires_at, epoch, wake_at, parent_run_id)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT (run_id) DO NOTHING RETURNING *",
-                (
-                    run.run_id,
-                    run.saga,
-                    (RunStatus.RUNNING if claimed else RunStatus.PENDING).value,
-                    run.input,
-                    run.created_at,
-                    run.created_at,
-                    run.deadline,
-                    claim_for,
-                    run.created_at + lease_seconds if claimed else None,
-                    1 if claimed else 0,
-                    run.wake_at,
-                    run.parent_run_id,
-                ),
-            ).fetchone()
-            if row is None:
-                existing = conn.execute(
-                    "SELECT * FROM storno_runs WHERE run_id = ?", (run.run_id,)
-                ).fetchone()
-                return run_from_row(existing), False
-            conn.executemany(_INSERT_EVENTS, _event_rows(run.run_id, [run.event]))
-            return run_from_row(row), True
+            row, created = _insert_run(conn, run, claim_for, lease_seconds)
+            return run_from_row(row), created
 
         result: tuple[RunRecord, bool] = await self._write(op)
         return result
@@ -310,12 +319,20 @@ class SQLiteStore(Store):
         lease_seconds: float,
         state: str | None = None,
         touch: bool = True,
+        create: NewRun | None = None,
     ) -> int:
         rows = _event_rows(lease.run_id, events)
+
+        def born(conn: sqlite3.Connection) -> None:
+            # A run started here is inserted with its first write (one commit, not two).
+            if create is not None and not _insert_run(conn, create, lease.owner, lease_seconds)[1]:
+                raise RunExistsError(create.run_id)
+
         if not touch and update is None and state is None:
             fence = (lease.run_id, lease.owner, lease.epoch)
 
             def append(conn: sqlite3.Connection) -> int:
+                born(conn)
                 # Reading the row inside the write transaction fences as well as updating it.
                 row = conn.execute(_FENCE, fence).fetchone()
                 if row is None:
@@ -359,6 +376,7 @@ class SQLiteStore(Store):
         params += [lease.run_id, lease.owner, lease.epoch]
 
         def op(conn: sqlite3.Connection) -> int:
+            born(conn)
             row = conn.execute(sql, params).fetchone()
             if row is None:
                 # Refused before anything was written: the writer relies on it to skip the
