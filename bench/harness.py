@@ -544,4 +544,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{rounds} round(s), sizes: {json.dumps(results['sizes'])}")
     print(render(results))
     print(f"\nresults: {out} ({results['seconds']:.0f} s)")
+    failed = [
+        f"{workload} on {system}"
+        for system, by_workload in results["results"].items()
+        for workload, rounds_run in by_workload.items()
+        if any("error" in r for r in rounds_run)
+    ]
+    if failed:
+        print(f"failed rounds: {', '.join(failed)}; see {log}", file=sys.stderr)
+        return 1
     return 0
