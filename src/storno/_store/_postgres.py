@@ -37,6 +37,7 @@ from storno._store._base import (
 )
 from storno._store._migrations import redact
 from storno._store._postgres_connection import PostgresConnection, parse_postgres_url, quote
+from storno._store._postgres_sql import Statements
 from storno._store._rows import (
     EVENT_COLUMNS,
     MESSAGE_COLUMNS,
@@ -98,12 +99,9 @@ class PostgresStore(PostgresConnection, Store):
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        q = quote(self.schema)
-        self._runs = f"{q}.storno_runs"
-        self._events = f"{q}.storno_events"
-        self._inbox = f"{q}.storno_inbox"
+        self._sql = Statements(quote(self.schema), self._notify_sql)
+        self._runs, self._events, self._inbox = self._sql.runs, self._sql.events, self._sql.inbox
         self._uncertain: set[tuple[str, int]] = set()  # leases whose last write may have landed
-        self._sql_cache: dict[tuple[Any, ...], str] = {}
 
     def __repr__(self) -> str:
         return f"<PostgresStore {redact(self.url)}>"
@@ -129,18 +127,7 @@ class PostgresStore(PostgresConnection, Store):
         """Insert a run with its first event; the existing run (and ``False``) if the id is
         taken, unless an earlier try of this very insert committed (then ``True``)."""
         claimed = claim_for is not None
-        # A run claimed by its creator is executed at once; only others need waking.
-        notify = "" if claimed else f", {self._notify_sql('%(wake)s')} AS notified"
-        sql = (
-            f"WITH ins AS (INSERT INTO {self._runs} (run_id, saga, status, input, created_at,"
-            " updated_at, deadline, owner, lease_expires_at, epoch, wake_at, parent_run_id)"
-            " VALUES (%(run_id)s, %(saga)s, %(status)s, %(input)s, %(created_at)s,"
-            " %(created_at)s, %(deadline)s, %(owner)s, %(expires)s, %(epoch)s, %(wake_at)s,"
-            " %(parent)s) ON CONFLICT (run_id) DO NOTHING RETURNING *),"
-            f" ev AS (INSERT INTO {self._events} (run_id, seq, type, at, position, data, payload)"
-            " SELECT run_id, %(seq)s, %(type)s, %(at)s, %(position)s, %(data)s, %(payload)s"
-            f" FROM ins) SELECT ins.*{notify} FROM ins"
-        )
+        sql = self._sql.insert_run(claimed)
         params = {
             "run_id": run.run_id,
             "saga": run.saga,
@@ -228,72 +215,6 @@ class PostgresStore(PostgresConnection, Store):
 
     # --- writing under a lease ---------------------------------------------------------
 
-    def _insert_events_sql(self) -> str:
-        """The CTE that appends ``%(events)s`` if the ``upd`` CTE found the run leased."""
-        return (
-            f", ev AS (INSERT INTO {self._events} "
-            "(run_id, seq, type, at, position, data, payload) "
-            "SELECT %(run_id)s, e.s, e.t, e.a, e.p, e.d, e.y "
-            "FROM json_to_recordset(%(events)s::json) AS e(s integer, t text, "
-            "a double precision, p integer, d text, y text) "
-            "WHERE EXISTS (SELECT 1 FROM upd))"
-        )
-
-    def _write_sql(self, update: RunUpdate | None, with_events: bool) -> str:
-        has_update = update is not None
-        waits = update is not None and update.release and update.status is RunStatus.WAITING
-        key = ("write", has_update, waits, with_events)
-        cached = self._sql_cache.get(key)
-        if cached is not None:
-            return cached
-        sets = [
-            "updated_at = %(now)s",
-            "lease_expires_at = %(expires)s",
-            "state = COALESCE(%(state)s, state)",
-        ]
-        if has_update:
-            sets += [
-                "status = %(status)s",
-                "result = COALESCE(%(result)s, result)",
-                "error = COALESCE(%(error)s, error)",
-                "owner = CASE WHEN %(release)s THEN NULL ELSE owner END",
-                # A message that arrived while the run decided to wait wakes it at once.
-                "wake_at = CASE WHEN %(seen)s::integer IS NOT NULL AND inbox_seq > %(seen)s"
-                " THEN %(now)s ELSE %(wake_at)s::double precision END",
-            ]
-        sql = (
-            f"WITH upd AS (UPDATE {self._runs} SET {', '.join(sets)} "
-            "WHERE run_id = %(run_id)s AND owner = %(owner)s AND epoch = %(epoch)s "
-            "RETURNING inbox_seq, wake_at)"
-        )
-        if with_events:
-            sql += self._insert_events_sql()
-        sql += " SELECT inbox_seq"
-        if waits:
-            # Suspended with a wake time: tell idle workers elsewhere when it is due.
-            sql += f", CASE WHEN wake_at IS NOT NULL THEN {self._notify_sql('wake_at::text')} END"
-        sql += " FROM upd"
-        self._sql_cache[key] = sql
-        return sql
-
-    def _append_sql(self, with_events: bool) -> str:
-        """Append events under the lease without changing the run's row."""
-        key = ("append", with_events)
-        cached = self._sql_cache.get(key)
-        if cached is not None:
-            return cached
-        # FOR SHARE holds off a claim (FOR UPDATE SKIP LOCKED) until this commits, so the
-        # fence holds as an UPDATE's would, without writing a new version of the row.
-        sql = (
-            f"WITH upd AS (SELECT inbox_seq FROM {self._runs} "
-            "WHERE run_id = %(run_id)s AND owner = %(owner)s AND epoch = %(epoch)s FOR SHARE)"
-        )
-        if with_events:
-            sql += self._insert_events_sql()
-        sql += " SELECT inbox_seq FROM upd"
-        self._sql_cache[key] = sql
-        return sql
-
     async def write(
         self,
         lease: Lease,
@@ -307,9 +228,9 @@ class PostgresStore(PostgresConnection, Store):
         create: NewRun | None = None,
     ) -> int:
         if not touch and update is None and state is None:
-            sql = self._append_sql(bool(events))
+            sql = self._sql.append(bool(events))
         else:
-            sql = self._write_sql(update, bool(events))
+            sql = self._sql.write(update, bool(events))
         params: dict[str, Any] = {
             "now": now,
             "expires": now + lease_seconds,
@@ -583,7 +504,7 @@ class PostgresStore(PostgresConnection, Store):
             rows: list[dict[str, Any]] = []
             async with conn.transaction():
                 if free is None or free:
-                    sql = self._claim_sql(free, list(capped), bool(exclude))
+                    sql = self._sql.claim(free, list(capped), bool(exclude))
                     await cur.execute(sql, {**params, "sagas": free, "not_sagas": list(capped)})
                     rows += await cur.fetchall()
                 for name, cap in sorted(capped.items()):
@@ -600,7 +521,7 @@ class PostgresStore(PostgresConnection, Store):
                     counted = await cur.fetchone()
                     room = min(cap - int(counted["n"] if counted else 0), limit - len(rows))
                     if room > 0:
-                        sql = self._claim_sql([name], [], bool(exclude))
+                        sql = self._sql.claim([name], [], bool(exclude))
                         await cur.execute(
                             sql, {**params, "sagas": [name], "not_sagas": [], "limit": room}
                         )
@@ -609,36 +530,6 @@ class PostgresStore(PostgresConnection, Store):
 
         params["limit"] = limit
         return await self._op("claim", op)
-
-    def _claim_sql(self, sagas: list[str] | None, not_sagas: list[str], skip: bool) -> str:
-        """Lease up to %(limit)s due runs of ``sagas`` (any, if ``None``) but ``not_sagas``."""
-        only = " AND saga = ANY(%(sagas)s::text[])" if sagas is not None else ""
-        if not_sagas:
-            only += " AND NOT (saga = ANY(%(not_sagas)s::text[]))"
-        if skip:
-            only += " AND NOT (run_id = ANY(%(skip)s::text[]))"
-        # Each kind of due run is read through its own status index, oldest first, so a
-        # claim touches due runs only, never the finished ones beside them. SKIP LOCKED: rows
-        # another claimer has locked are passed over, not waited for, so concurrent claimers
-        # split the due runs between them and never share one.
-        lock = "LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
-        return (
-            f"WITH pending AS (SELECT run_id, created_at FROM {self._runs} "
-            f"WHERE status = 'pending' AND (wake_at IS NULL OR wake_at <= %(now)s){only} "
-            f"ORDER BY created_at {lock}), "
-            f"woken AS (SELECT run_id, created_at FROM {self._runs} "
-            f"WHERE status = 'waiting' AND wake_at <= %(now)s{only} ORDER BY wake_at {lock}), "
-            f"expired AS (SELECT run_id, created_at FROM {self._runs} "
-            "WHERE status IN ('running', 'compensating') "
-            f"AND (lease_expires_at < %(now)s OR (%(own)s AND owner = %(owner)s)){only} {lock}), "
-            "due AS (SELECT run_id FROM (SELECT * FROM pending UNION ALL SELECT * FROM woken "
-            "UNION ALL SELECT * FROM expired) AS d ORDER BY created_at LIMIT %(limit)s) "
-            f"UPDATE {self._runs} AS r SET owner = %(owner)s, epoch = r.epoch + 1, "
-            "lease_expires_at = %(expires)s, updated_at = %(now)s, wake_at = NULL, "
-            "status = CASE WHEN r.status IN ('pending', 'waiting') THEN 'running' "
-            "ELSE r.status END "
-            "FROM due WHERE r.run_id = due.run_id RETURNING r.*"
-        )
 
     async def renew(
         self, owner: str, run_ids: Sequence[str], *, now: float, lease_seconds: float
