@@ -107,7 +107,8 @@ def test_bad_postgres_urls_are_refused_with_the_reason(url: str, message: str) -
 def test_missing_driver_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("psycopg", "psycopg_pool"):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import psycopg` fail
-    monkeypatch.delitem(sys.modules, "storno._store._postgres")
+    for module in ("storno._store._postgres", "storno._store._postgres_connection"):
+        monkeypatch.delitem(sys.modules, module, raising=False)  # imported anew, or never yet
     with pytest.raises(storno.ConfigurationError, match=r"pip install 'storno\[postgres\]'"):
         storno.Storno("postgresql://localhost/test")
 

@@ -127,6 +127,41 @@ def _insert_run(
     return row, True
 
 
+def _update_statement(
+    lease: Lease, update: RunUpdate | None, now: float, lease_seconds: float, state: str | None
+) -> tuple[str, list[Any]]:
+    """The UPDATE of a run's row for a write under ``lease`` (fenced by owner and epoch)."""
+    sets = ["updated_at = ?", "lease_expires_at = ?", "state = COALESCE(?, state)"]
+    params: list[Any] = [now, now + lease_seconds, state]
+    if update is not None:
+        if update.release:
+            params[1] = None
+        sets += [
+            "status = ?",
+            "result = COALESCE(?, result)",
+            "error = COALESCE(?, error)",
+            "owner = CASE WHEN ? THEN NULL ELSE owner END",
+            # A message that arrived while the run decided to wait wakes it at once.
+            "wake_at = CASE WHEN ? IS NOT NULL AND inbox_seq > ? THEN ? ELSE ? END",
+        ]
+        params += [
+            update.status.value,
+            update.result,
+            json.dumps(update.error) if update.error is not None else None,
+            update.release,
+            update.seen_inbox,
+            update.seen_inbox,
+            now,
+            update.wake_at,
+        ]
+    sql = (
+        f"UPDATE storno_runs SET {', '.join(sets)} "
+        "WHERE run_id = ? AND owner = ? AND epoch = ? RETURNING inbox_seq"
+    )
+    params += [lease.run_id, lease.owner, lease.epoch]
+    return sql, params
+
+
 def _executing(conn: sqlite3.Connection, saga: str, now: float) -> int:
     """Runs of a saga that a live worker holds right now (for concurrency limits)."""
     row = conn.execute(
@@ -328,52 +363,14 @@ class SQLiteStore(Store):
             if create is not None and not _insert_run(conn, create, lease.owner, lease_seconds)[1]:
                 raise RunExistsError(create.run_id)
 
-        if not touch and update is None and state is None:
-            fence = (lease.run_id, lease.owner, lease.epoch)
-
-            def append(conn: sqlite3.Connection) -> int:
-                born(conn)
-                # Reading the row inside the write transaction fences as well as updating it.
-                row = conn.execute(_FENCE, fence).fetchone()
-                if row is None:
-                    raise lease_lost(lease)
-                if rows:
-                    conn.executemany(_INSERT_EVENTS, rows)
-                return int(row[0])
-
-            appended: int = await self._write(append)
-            return appended
-        sets = ["updated_at = ?", "lease_expires_at = ?", "state = COALESCE(?, state)"]
-        params: list[Any] = [now, now + lease_seconds, state]
         notify: tuple[str, InboxMessage] | None = None
-        if update is not None:
-            if update.release:
-                params[1] = None
-            sets += [
-                "status = ?",
-                "result = COALESCE(?, result)",
-                "error = COALESCE(?, error)",
-                "owner = CASE WHEN ? THEN NULL ELSE owner END",
-                # A message that arrived while the run decided to wait wakes it at once.
-                "wake_at = CASE WHEN ? IS NOT NULL AND inbox_seq > ? THEN ? ELSE ? END",
-            ]
-            params += [
-                update.status.value,
-                update.result,
-                json.dumps(update.error) if update.error is not None else None,
-                update.release,
-                update.seen_inbox,
-                update.seen_inbox,
-                now,
-                update.wake_at,
-            ]
-            if update.notify is not None and update.notify_run_id is not None:
+        if not touch and update is None and state is None:
+            # Reading the row inside the write transaction fences as well as updating it.
+            sql, params = _FENCE, [lease.run_id, lease.owner, lease.epoch]
+        else:
+            sql, params = _update_statement(lease, update, now, lease_seconds, state)
+            if update is not None and update.notify is not None and update.notify_run_id:
                 notify = (update.notify_run_id, update.notify)
-        sql = (
-            f"UPDATE storno_runs SET {', '.join(sets)} "
-            "WHERE run_id = ? AND owner = ? AND epoch = ? RETURNING inbox_seq"
-        )
-        params += [lease.run_id, lease.owner, lease.epoch]
 
         def op(conn: sqlite3.Connection) -> int:
             born(conn)
