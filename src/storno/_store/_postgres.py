@@ -504,7 +504,7 @@ class PostgresStore(PostgresConnection, Store):
             rows: list[dict[str, Any]] = []
             async with conn.transaction():
                 if free is None or free:
-                    sql = self._sql.claim(free, list(capped), bool(exclude))
+                    sql = self._sql.claim(free, list(capped), bool(exclude), include_own)
                     await cur.execute(sql, {**params, "sagas": free, "not_sagas": list(capped)})
                     rows += await cur.fetchall()
                 for name, cap in sorted(capped.items()):
@@ -521,7 +521,7 @@ class PostgresStore(PostgresConnection, Store):
                     counted = await cur.fetchone()
                     room = min(cap - int(counted["n"] if counted else 0), limit - len(rows))
                     if room > 0:
-                        sql = self._sql.claim([name], [], bool(exclude))
+                        sql = self._sql.claim([name], [], bool(exclude), include_own)
                         await cur.execute(
                             sql, {**params, "sagas": [name], "not_sagas": [], "limit": room}
                         )

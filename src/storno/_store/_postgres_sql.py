@@ -113,8 +113,9 @@ class Statements:
         self._cache[key] = sql
         return sql
 
-    def claim(self, sagas: list[str] | None, not_sagas: list[str], skip: bool) -> str:
-        """Lease up to %(limit)s due runs of ``sagas`` (any, if ``None``) but ``not_sagas``."""
+    def claim(self, sagas: list[str] | None, not_sagas: list[str], skip: bool, own: bool) -> str:
+        """Lease up to %(limit)s due runs of ``sagas`` (any, if ``None``) but ``not_sagas``;
+        with ``own``, the runs %(owner)s holds too (a worker restarted under its id)."""
         only = " AND saga = ANY(%(sagas)s::text[])" if sagas is not None else ""
         if not_sagas:
             only += " AND NOT (saga = ANY(%(not_sagas)s::text[]))"
@@ -125,6 +126,12 @@ class Statements:
         # another claimer has locked are passed over, not waited for, so concurrent claimers
         # split the due runs between them and never share one.
         lock = "LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+        # A range on the lease expiry keeps the scan off the index entries of the superseded
+        # "running" versions of runs that went on to wait or end (until vacuum removes them,
+        # a parked run leaves one behind): their leases had not expired when they changed.
+        expired = "lease_expires_at < %(now)s"
+        if own:
+            expired = f"({expired} OR owner = %(owner)s)"
         return (
             f"WITH pending AS (SELECT run_id, created_at FROM {self.runs} "
             f"WHERE status = 'pending' AND (wake_at IS NULL OR wake_at <= %(now)s){only} "
@@ -133,7 +140,7 @@ class Statements:
             f"WHERE status = 'waiting' AND wake_at <= %(now)s{only} ORDER BY wake_at {lock}), "
             f"expired AS (SELECT run_id, created_at FROM {self.runs} "
             "WHERE status IN ('running', 'compensating') "
-            f"AND (lease_expires_at < %(now)s OR (%(own)s AND owner = %(owner)s)){only} {lock}), "
+            f"AND {expired}{only} {lock}), "
             "due AS (SELECT run_id FROM (SELECT * FROM pending UNION ALL SELECT * FROM woken "
             "UNION ALL SELECT * FROM expired) AS d ORDER BY created_at LIMIT %(limit)s) "
             f"UPDATE {self.runs} AS r SET owner = %(owner)s, epoch = r.epoch + 1, "
