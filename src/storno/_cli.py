@@ -22,9 +22,8 @@ import click
 
 from storno._app import DEFAULT_URL, ENDED, Storno
 from storno._demo import STEP_NAMES, render_ledgers, run_demo
-from storno._engine import Birth
 from storno._errors import StornoError
-from storno._model import Event, Lease, RunRecord, RunStatus
+from storno._model import Lease, RunRecord, RunStatus
 from storno._store import open_store
 from storno._store._migrations import redact
 from storno._store._postgres import PostgresStore
@@ -293,16 +292,10 @@ class _LoggingWorker(Worker):
     The worker has no hook for this yet, so the CLI wraps its per-run method.
     """
 
-    async def _execute(
-        self,
-        record: RunRecord,
-        lease: Lease,
-        history: list[Event] | None,
-        birth: Birth | None,
-    ) -> None:
+    async def _execute(self, record: RunRecord, lease: Lease, *rest: Any) -> None:
         log.info("run %s: picked up (saga %s, %s)", record.run_id, record.saga, record.status)
         try:
-            await super()._execute(record, lease, history, birth)
+            await super()._execute(record, lease, *rest)
         finally:
             now = await self.app.store.get_run(record.run_id)
             if now is not None and now.status in ENDED:
