@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -434,3 +434,75 @@ def child_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
+
+
+async def park_then_wake(
+    start: Callable[[str], Awaitable[Any]],
+    parked: Callable[[], Awaitable[int]],
+    wake: Callable[[str], Awaitable[float]],
+    *,
+    marks: list[int],
+    wakeups: int,
+    park_limit: float,
+    rss: Callable[[], float] = lambda: rss_mib(),
+    server_rss: Callable[[], float] | None = None,
+    poll: float = 0.2,
+) -> dict[str, Any]:
+    """The scale workload, the same for every system.
+
+    Starts runs ``p-0000000``, ``p-0000001``, ... from 64 clients until each mark (or until
+    ``park_limit`` seconds have passed), waits until ``parked()`` counts them all, and reads
+    memory there; then wakes a random sample one at a time: ``wake(run_id)`` signals a run and
+    returns the time (``time.time()``) its next step started.
+    """
+    import random
+
+    total = 0
+    phases: list[dict[str, Any]] = []
+    stop_at = time.monotonic() + park_limit
+    rss_empty = rss()
+    for mark in marks:
+        t0 = time.perf_counter()
+        next_number = total
+
+        async def client(last: int = mark) -> None:
+            nonlocal next_number
+            while next_number < last and time.monotonic() < stop_at:
+                number = next_number
+                next_number += 1
+                await start(f"p-{number:07d}")
+
+        await asyncio.gather(*(client() for _ in range(64)))
+        started = next_number
+        while (done := await parked()) < started:
+            if time.monotonic() > stop_at + 600:
+                raise RuntimeError(f"only {done} of {started} parked")
+            await asyncio.sleep(poll)
+        seconds = time.perf_counter() - t0
+        phase = {
+            "parked": started,
+            "seconds": seconds,
+            "runs_per_s": (started - total) / seconds,
+            "rss_mib": rss(),
+        }
+        if server_rss is not None:
+            phase["server_rss_mib"] = server_rss()
+        phases.append(phase)
+        total = started
+        print(f"  {total} parked, {phase}", file=sys.stderr)
+        if total < mark:
+            break
+    latencies = []
+    for number in random.Random(1).sample(range(total), min(wakeups, total)):
+        t0 = time.time()
+        latencies.append(await wake(f"p-{number:07d}") - t0)
+    result = {
+        "rss_mib_empty": rss_empty,
+        "phases": phases,
+        "parked": total,
+        "wake": percentiles_ms(latencies),
+        "rss_mib_after": rss(),
+    }
+    if server_rss is not None:
+        result["server_rss_mib_after"] = server_rss()
+    return result

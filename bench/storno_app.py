@@ -322,57 +322,23 @@ async def _w3_work(url: str) -> None:
 
 
 async def scale(system: str, marks: list[int], wakeups: int, park_limit: float) -> dict[str, Any]:
-    import random
-
     async def body(app: storno.Storno, db: Database) -> dict[str, Any]:
-        total = 0
-        phases = []
-        stop_at = time.monotonic() + park_limit
-        rss_empty = common.rss_mib()
-        for mark in marks:
-            t0 = time.perf_counter()
-            next_number = total
+        async def start(run_id: str) -> None:
+            await app.start(parked.options(run_id=run_id))
 
-            async def client(last: int = mark) -> None:
-                nonlocal next_number
-                while next_number < last and time.monotonic() < stop_at:
-                    number = next_number
-                    next_number += 1
-                    await app.start(parked.options(run_id=f"p-{number:07d}"))
+        async def count() -> int:
+            return await asyncio.to_thread(db.count_waiting)
 
-            await asyncio.gather(*(client() for _ in range(64)))
-            started = next_number
-            while (waiting := await asyncio.to_thread(db.count_waiting)) < started:
-                if time.monotonic() > stop_at + 600:
-                    raise RuntimeError(f"only {waiting} of {started} parked")
-                await asyncio.sleep(0.2)
-            seconds = time.perf_counter() - t0
-            phases.append(
-                {
-                    "parked": started,
-                    "seconds": seconds,
-                    "runs_per_s": (started - total) / seconds,
-                    "rss_mib": common.rss_mib(),
-                }
-            )
-            total = started
-            print(f"  {total} parked, RSS {phases[-1]['rss_mib']:.1f} MiB", file=sys.stderr)
-            if total < mark:
-                break
-        chosen = random.Random(1).sample(range(total), min(wakeups, total))
-        latencies = []
-        for number in chosen:
-            run_id = f"p-{number:07d}"
-            t0 = time.time()
+        async def wake(run_id: str) -> float:
             await app.signal(run_id, "wake")
             woke: float = await app.get_handle(run_id).result(timeout=60)
-            latencies.append(woke - t0)
+            return woke
+
+        result = await common.park_then_wake(
+            start, count, wake, marks=marks, wakeups=wakeups, park_limit=park_limit
+        )
         return {
-            "rss_mib_empty": rss_empty,
-            "phases": phases,
-            "parked": total,
-            "wake": common.percentiles_ms(latencies),
-            "rss_mib_after": common.rss_mib(),
+            **result,
             "rss_of": "the one process that starts, parks, signals and executes the runs",
         }
 

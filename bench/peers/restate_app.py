@@ -258,8 +258,6 @@ def w3(system: str, runs: int, folder: Path) -> dict[str, Any]:
 
 
 async def scale(system: str, marks: list[int], wakeups: int, park_limit: float) -> dict[str, Any]:
-    import random
-
     with tempfile.TemporaryDirectory(prefix="bench-restate-") as tmp:
         server, deployment = _setup(Path(tmp))
         try:
@@ -267,56 +265,29 @@ async def scale(system: str, marks: list[int], wakeups: int, park_limit: float) 
             async with httpx.AsyncClient(
                 base_url=f"http://127.0.0.1:{INGRESS}", timeout=120, limits=limits
             ) as http:
-                total = 0
-                phases = []
-                stop_at = time.monotonic() + park_limit
-                for mark in marks:
-                    t0 = time.perf_counter()
-                    next_number = total
 
-                    async def client(last: int = mark) -> None:
-                        nonlocal next_number
-                        while next_number < last and time.monotonic() < stop_at:
-                            number = next_number
-                            next_number += 1
-                            response = await http.post(f"/Parked/p-{number:07d}/run/send")
-                            response.raise_for_status()
+                async def start(workflow: str) -> None:
+                    (await http.post(f"/Parked/{workflow}/run/send")).raise_for_status()
 
-                    await asyncio.gather(*(client() for _ in range(64)))
-                    started = next_number
-                    while (done := await _prepared(http)) < started:
-                        if time.monotonic() > stop_at + 600:
-                            raise RuntimeError(f"only {done} of {started} parked")
-                        await asyncio.sleep(1.0)
-                    seconds = time.perf_counter() - t0
-                    phases.append(
-                        {
-                            "parked": started,
-                            "seconds": seconds,
-                            "runs_per_s": (started - total) / seconds,
-                            "rss_mib": common.rss_mib(deployment.proc.pid),
-                            "server_rss_mib": common.tree_rss_mib(server.proc.pid),
-                        }
-                    )
-                    total = started
-                    print(f"  {total} parked, {phases[-1]}", file=sys.stderr)
-                    if total < mark:
-                        break
-                chosen = random.Random(1).sample(range(total), min(wakeups, total))
-                latencies = []
-                for number in chosen:
-                    workflow = f"p-{number:07d}"
-                    t0w = time.time()
+                async def wake(workflow: str) -> float:
                     (await http.post(f"/Parked/{workflow}/wake")).raise_for_status()
                     response = await http.get(f"/restate/workflow/Parked/{workflow}/attach")
                     response.raise_for_status()
-                    latencies.append(float(response.json()) - t0w)
+                    return float(response.json())
+
+                result = await common.park_then_wake(
+                    start,
+                    lambda: _prepared(http),
+                    wake,
+                    marks=marks,
+                    wakeups=wakeups,
+                    park_limit=park_limit,
+                    rss=lambda: common.rss_mib(deployment.proc.pid),
+                    server_rss=lambda: common.tree_rss_mib(server.proc.pid),
+                    poll=1.0,
+                )
                 return {
-                    "phases": phases,
-                    "parked": total,
-                    "wake": common.percentiles_ms(latencies),
-                    "rss_mib_after": common.rss_mib(deployment.proc.pid),
-                    "server_rss_mib_after": common.tree_rss_mib(server.proc.pid),
+                    **result,
                     "rss_of": "the hypercorn process serving the handlers; the Restate "
                     "server's RSS beside it",
                 }

@@ -248,67 +248,35 @@ async def _w3_work(address: str, queue: str) -> None:
 
 
 async def scale(system: str, marks: list[int], wakeups: int, park_limit: float) -> dict[str, Any]:
-    import random
-
     local = _local(system)
     with tempfile.TemporaryDirectory(prefix="bench-temporal-") as tmp:
         server = DevServer(Path(tmp))
         try:
             client = await server.client()
             queue = f"bench-{uuid.uuid4().hex[:8]}"
+
+            async def start(workflow_id: str) -> None:
+                await client.start_workflow(Parked.run, local, id=workflow_id, task_queue=queue)
+
+            async def wake(workflow_id: str) -> float:
+                handle = client.get_workflow_handle(workflow_id)
+                await handle.signal(Parked.wake)
+                woke: float = await handle.result()
+                return woke
+
             async with Worker(client, task_queue=queue, workflows=WORKFLOWS, activities=acts.ALL):
-                total = 0
-                phases = []
-                stop_at = time.monotonic() + park_limit
-                rss_empty = common.rss_mib()
-                for mark in marks:
-                    t0 = time.perf_counter()
-                    next_number = total
-
-                    async def client_task(last: int = mark) -> None:
-                        nonlocal next_number
-                        while next_number < last and time.monotonic() < stop_at:
-                            number = next_number
-                            next_number += 1
-                            await client.start_workflow(
-                                Parked.run, local, id=f"p-{number:07d}", task_queue=queue
-                            )
-
-                    await asyncio.gather(*(client_task() for _ in range(64)))
-                    started = next_number
-                    while (done := await _prepared(client)) < started:
-                        if time.monotonic() > stop_at + 600:
-                            raise RuntimeError(f"only {done} of {started} parked")
-                        await asyncio.sleep(1.0)
-                    seconds = time.perf_counter() - t0
-                    phases.append(
-                        {
-                            "parked": started,
-                            "seconds": seconds,
-                            "runs_per_s": (started - total) / seconds,
-                            "rss_mib": common.rss_mib(),
-                            "server_rss_mib": common.tree_rss_mib(server.proc.pid),
-                        }
-                    )
-                    total = started
-                    print(f"  {total} parked, {phases[-1]}", file=sys.stderr)
-                    if total < mark:
-                        break
-                chosen = random.Random(1).sample(range(total), min(wakeups, total))
-                latencies = []
-                for number in chosen:
-                    handle = client.get_workflow_handle(f"p-{number:07d}")
-                    t0w = time.time()
-                    await handle.signal(Parked.wake)
-                    woke: float = await handle.result()
-                    latencies.append(woke - t0w)
+                result = await common.park_then_wake(
+                    start,
+                    lambda: _prepared(client),
+                    wake,
+                    marks=marks,
+                    wakeups=wakeups,
+                    park_limit=park_limit,
+                    server_rss=lambda: common.tree_rss_mib(server.proc.pid),
+                    poll=1.0,
+                )
                 return {
-                    "rss_mib_empty": rss_empty,
-                    "phases": phases,
-                    "parked": total,
-                    "wake": common.percentiles_ms(latencies),
-                    "rss_mib_after": common.rss_mib(),
-                    "server_rss_mib_after": common.tree_rss_mib(server.proc.pid),
+                    **result,
                     "rss_of": "the Python process running client and worker (the worker caches "
                     "at most 1,000 workflows by default); the dev server's RSS beside it",
                 }
