@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,10 @@ def _setup(folder: Path, env: dict[str, str] | None = None) -> tuple[Server, Dep
     return server, deployment
 
 
-async def _with(system: str, body: Callable[[httpx.AsyncClient], Awaitable[Any]]) -> Any:
+@contextlib.asynccontextmanager
+async def _running() -> AsyncIterator[tuple[httpx.AsyncClient, Server, Deployment]]:
+    """A fresh Restate server with the handlers registered, and a client for its ingress;
+    yields (client, server, deployment)."""
     with tempfile.TemporaryDirectory(prefix="bench-restate-") as tmp:
         server, deployment = _setup(Path(tmp))
         try:
@@ -142,10 +146,15 @@ async def _with(system: str, body: Callable[[httpx.AsyncClient], Awaitable[Any]]
             async with httpx.AsyncClient(
                 base_url=f"http://127.0.0.1:{INGRESS}", timeout=120, limits=limits
             ) as http:
-                return await body(http)
+                yield http, server, deployment
         finally:
             deployment.stop_now()
             server.stop()
+
+
+async def _with(system: str, body: Callable[[httpx.AsyncClient], Awaitable[Any]]) -> Any:
+    async with _running() as (http, _, _):
+        return await body(http)
 
 
 class SagaFailed(Exception):
@@ -258,42 +267,33 @@ def w3(system: str, runs: int, folder: Path) -> dict[str, Any]:
 
 
 async def scale(system: str, marks: list[int], wakeups: int, park_limit: float) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="bench-restate-") as tmp:
-        server, deployment = _setup(Path(tmp))
-        try:
-            limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{INGRESS}", timeout=120, limits=limits
-            ) as http:
+    async with _running() as (http, server, deployment):
 
-                async def start(workflow: str) -> None:
-                    (await http.post(f"/Parked/{workflow}/run/send")).raise_for_status()
+        async def start(workflow: str) -> None:
+            (await http.post(f"/Parked/{workflow}/run/send")).raise_for_status()
 
-                async def wake(workflow: str) -> float:
-                    (await http.post(f"/Parked/{workflow}/wake")).raise_for_status()
-                    response = await http.get(f"/restate/workflow/Parked/{workflow}/attach")
-                    response.raise_for_status()
-                    return float(response.json())
+        async def wake(workflow: str) -> float:
+            (await http.post(f"/Parked/{workflow}/wake")).raise_for_status()
+            response = await http.get(f"/restate/workflow/Parked/{workflow}/attach")
+            response.raise_for_status()
+            return float(response.json())
 
-                result = await common.park_then_wake(
-                    start,
-                    lambda: _prepared(http),
-                    wake,
-                    marks=marks,
-                    wakeups=wakeups,
-                    park_limit=park_limit,
-                    rss=lambda: common.rss_mib(deployment.proc.pid),
-                    server_rss=lambda: common.tree_rss_mib(server.proc.pid),
-                    poll=1.0,
-                )
-                return {
-                    **result,
-                    "rss_of": "the hypercorn process serving the handlers; the Restate "
-                    "server's RSS beside it",
-                }
-        finally:
-            deployment.stop_now()
-            server.stop()
+        result = await common.park_then_wake(
+            start,
+            lambda: _prepared(http),
+            wake,
+            marks=marks,
+            wakeups=wakeups,
+            park_limit=park_limit,
+            rss=lambda: common.rss_mib(deployment.proc.pid),
+            server_rss=lambda: common.tree_rss_mib(server.proc.pid),
+            poll=1.0,
+        )
+        return {
+            **result,
+            "rss_of": "the hypercorn process serving the handlers; the Restate server's RSS "
+            "beside it",
+        }
 
 
 async def _prepared(http: httpx.AsyncClient) -> int:
