@@ -219,27 +219,33 @@ class Worker:
         if free <= 0:
             return free, 0
         inheriting = self._inheriting
-        claimed = await self.app.store.claim(
-            self.id,
-            limit=free,
-            now=self.app.clock.now(),
-            lease_seconds=self.app.lease_seconds,
-            sagas=self.app.saga_names,
-            include_own=inheriting,
-            exclude=list(self._tasks) if inheriting else (),
-            limits=self.app.saga_limits,
-        )
+        # The slots being claimed stay booked until the runs are spawned: a start in the
+        # meantime must not take one too (it creates its run pending instead).
+        self._reserved += free
+        try:
+            claimed = await self.app.store.claim(
+                self.id,
+                limit=free,
+                now=self.app.clock.now(),
+                lease_seconds=self.app.lease_seconds,
+                sagas=self.app.saga_names,
+                include_own=inheriting,
+                exclude=list(self._tasks) if inheriting else (),
+                limits=self.app.saga_limits,
+            )
+            histories: dict[str, list[Event]] = {}
+            if claimed:
+                try:
+                    histories = await self.app.store.histories([r.run_id for r, _ in claimed])
+                except StoreError as exc:  # each execution reads its own history then
+                    log.warning("loading the histories of claimed runs failed: %s", exc)
+        finally:
+            self._reserved -= free
         self._saturated = len(claimed) == free
         if inheriting and not self._saturated:
             self._inheriting = False
-        if claimed:
-            try:
-                histories = await self.app.store.histories([r.run_id for r, _ in claimed])
-            except StoreError as exc:  # each execution reads its own history then
-                log.warning("loading the histories of claimed runs failed: %s", exc)
-                histories = {}
-            for record, lease in claimed:
-                self._spawn(record, lease, histories.get(record.run_id))
+        for record, lease in claimed:
+            self._spawn(record, lease, histories.get(record.run_id))
         return free, len(claimed)
 
     async def _claim_loop(self) -> None:
