@@ -224,7 +224,10 @@ def _undo(ctx: storno.CompensationContext[str]) -> None:
     )
     checkpoint("undo.before", run_id=ctx.run_id, step=ctx.step, attempt=ctx.attempt)
     time.sleep(STEP_SECONDS)
-    _apply_effect("undo", ctx.run_id, ctx.step, ctx.idempotency_key, undoes=ctx.forward_key)
+    # Told UNKNOWN, a compensation must cope with either: there is nothing to undo when the
+    # forward effect never landed.
+    if ctx.result is not storno.UNKNOWN or _effect_exists(ctx.forward_key):
+        _apply_effect("undo", ctx.run_id, ctx.step, ctx.idempotency_key, undoes=ctx.forward_key)
     checkpoint("undo.after", run_id=ctx.run_id, step=ctx.step, attempt=ctx.attempt)
 
 

@@ -17,7 +17,7 @@ EXPECTED = {
     "StoreError", "LeaseLostError", "TerminalError", "OutcomeUnknownError", "StepFailedError",
     "WaitTimeoutError", "RunFailedError", "RunCompensatedError", "CompensationFailedError",
     "NeedsAttentionError", "Approval", "RunStateError", "ChildFailedError", "SignalTimeoutError",
-    "ApprovalRejectedError", "RunCancelledError",
+    "ApprovalRejectedError", "RunCancelledError", "RetryLater",
 }  # fmt: skip
 
 

@@ -12,11 +12,13 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from storno import _faults
-from storno._definitions import NOT_APPLIED, UNKNOWN, CompensationContext
-from storno._errors import TerminalError, error_info
+from storno._attempts import Budget, Failure, classify, run_attempts
+from storno._definitions import NOT_APPLIED, UNKNOWN, CompensationContext, Step
+from storno._errors import error_info
 from storno._history import StepState, fold
 from storno._model import EventType, InboxMessage, MessageKind, RunStatus, compensation_key
 from storno._serde import decode
+from storno._steps import read_back
 from storno._store import RunUpdate
 
 if TYPE_CHECKING:
@@ -94,7 +96,16 @@ async def _undo_step(
     if state.status == "completed":
         result = decode(state.result or "null", what=f"recorded result of {state.name!r}")
     else:
-        found = await x.read_back(step, position, state.key, state.attempts, args, kwargs)
+        # A forward call still running in its thread may land yet: wait for it first.
+        late = await x.calls.settle(position, "step", step.thread_grace)
+        found: Any = UNKNOWN
+        if late is not None and late.finished and late.error is None:
+            text = x.encode_value(late.value, f"result of step {state.name!r}")
+            data = {"attempt": state.attempts, "late": True}
+            x.append(EventType.STEP_COMPLETED, position, data, text)
+            found = decode(text)
+        else:
+            found = await read_back(x, step, position, state.attempts, args, kwargs)
         if found is NOT_APPLIED:
             x.append(
                 EventType.COMPENSATION_STEP_SKIPPED,
@@ -103,45 +114,87 @@ async def _undo_step(
             )
             return None
         result = found
-    policy = step.compensation_retry
     comp = state.compensation
-    attempts = comp.attempts if comp else 0
+    last: Failure | None = None
+    if comp is not None and comp.error is not None:
+        info = comp.error
+        retryable = info.get("retryable", not info.get("terminal")) is not False
+        last = Failure(info, retryable, False, False, info.get("retry_after"))
+    plan = _CompensationAttempts(x, step, state, key, args, kwargs, result, error)
     # An operator's retry gives the compensation a fresh budget; numbering goes on.
-    spent_before = comp.spent_before if comp else 0
-    last: dict[str, Any] = (comp.error if comp else None) or {}
-    compensate = step.compensate_fn
-    assert compensate is not None  # check_runnable() guarantees it for compensable steps
-    while True:
-        used = attempts - spent_before
-        if used:
-            if last.get("terminal") or not policy.allows_another(used):
-                return _give_up(x, state, key, last, attempts)
-            await x.host.clock.sleep(policy.delay(used, x.rng))
-        attempts += 1
-        x.append(
-            EventType.COMPENSATION_STEP_STARTED,
-            position,
-            {"step": state.name, "key": key, "attempt": attempts},
+    budget = Budget(
+        step.compensation_retry,
+        made=comp.attempts if comp else 0,
+        spent_before=comp.spent_before if comp else 0,
+    )
+    try:
+        await run_attempts(
+            plan, budget, x.host.clock, x.rng, last=last, attempt_timeout=step.compensation_timeout
         )
+    except _GaveUp as gave_up:
+        return gave_up.failure
+    x.append(EventType.COMPENSATION_STEP_COMPLETED, position, {"key": key})
+    return None
+
+
+class _GaveUp(Exception):
+    def __init__(self, failure: dict[str, Any]) -> None:
+        super().__init__(failure["message"])
+        self.failure = failure
+
+
+class _CompensationAttempts:
+    """The attempt plan of one step's compensation (see :func:`storno._attempts.run_attempts`)."""
+
+    def __init__(
+        self,
+        x: RunExecution,
+        step: Step[..., Any],
+        state: StepState,
+        key: str,
+        args: Any,
+        kwargs: Any,
+        result: Any,
+        error: dict[str, Any],
+    ) -> None:
+        self.x, self.step, self.state, self.key = x, step, state, key
+        self.args, self.kwargs, self.result, self.error = args, kwargs, result, error
+        self.made = state.compensation.attempts if state.compensation else 0
+
+    async def begin(self, number: int) -> None:
+        x, state = self.x, self.state
+        self.made = number
+        # A compensation still running in its thread since it timed out may land yet.
+        await x.calls.settle(state.position, "compensation", self.step.thread_grace)
+        data = {"step": state.name, "key": self.key, "attempt": number}
+        x.append(EventType.COMPENSATION_STEP_STARTED, state.position, data)
         await x.commit()
+
+    async def call(self, number: int, time_left: float | None) -> None:
+        x, state, run_id = self.x, self.state, self.x.record.run_id
         context: CompensationContext[Any] = CompensationContext(
-            run_id, state.name, position, key, state.key, attempts, result, error
+            run_id, state.name, state.position, self.key, state.key, number, self.result, self.error
         )
-        try:
-            _faults.point("compensation.started", run_id=run_id, step=state.name, attempt=attempts)
-            await x.call(compensate, context, args, kwargs, step.attempt_timeout)
-            _faults.point("compensation.returned", run_id=run_id, step=state.name, attempt=attempts)
-        except Exception as exc:
-            last = error_info(exc)
-            last["terminal"] = isinstance(exc, TerminalError)
-            x.append(
-                EventType.COMPENSATION_ATTEMPT_FAILED,
-                position,
-                {"key": key, "attempt": attempts, "error": last},
-            )
-            continue
-        x.append(EventType.COMPENSATION_STEP_COMPLETED, position, {"key": key})
+        compensate = self.step.compensate_fn
+        assert compensate is not None  # check_runnable() guarantees it for compensable steps
+        _faults.point("compensation.started", run_id=run_id, step=state.name, attempt=number)
+        slot = (state.position, "compensation")
+        await x.calls.call(compensate, context, self.args, self.kwargs, time_left, slot=slot)
+        _faults.point("compensation.returned", run_id=run_id, step=state.name, attempt=number)
+
+    def classify(self, exc: Exception) -> Failure:
+        return classify(exc, self.step.compensation_retry, now=self.x.host.clock.now())
+
+    async def failed(self, number: int, failure: Failure) -> None:
+        data: dict[str, Any] = {"key": self.key, "attempt": number, "error": failure.info}
+        if failure.retry_after is not None:
+            data["retry_after"] = failure.retry_after
+        self.x.append(EventType.COMPENSATION_ATTEMPT_FAILED, self.state.position, data)
         return None
+
+    def give_up(self, reason: str, last: Failure | None) -> BaseException:
+        info = last.info if last else {"type": "Error", "message": reason}
+        return _GaveUp(_give_up(self.x, self.state, self.key, info, self.made))
 
 
 def _give_up(

@@ -29,6 +29,8 @@ from storno._model import (
     DEFAULT_COMPENSATION_RETRY,
     DEFAULT_RETRY,
     DEFAULT_RETRY_AFTER_PIVOT,
+    DEFAULT_THREAD_GRACE,
+    DEFAULT_VERIFY_TIMEOUT,
     RetryPolicy,
     StepKind,
     seconds,
@@ -149,6 +151,10 @@ class Step(Generic[P, R]):
         compensation_retry: RetryPolicy | None,
         timeout: float | None,
         attempt_timeout: float | None,
+        compensation_timeout: float | None = None,
+        verify_timeout: float | None = None,
+        thread_grace: float | None = None,
+        not_applied_on: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._definition = definition
         self.kind = kind
@@ -156,6 +162,10 @@ class Step(Generic[P, R]):
         self._compensation_retry = compensation_retry
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
+        self.compensation_timeout = compensation_timeout
+        self.verify_timeout = DEFAULT_VERIFY_TIMEOUT if verify_timeout is None else verify_timeout
+        self.thread_grace = DEFAULT_THREAD_GRACE if thread_grace is None else thread_grace
+        self.not_applied_on = not_applied_on
         self.__doc__ = definition.fn.__doc__
         self.__wrapped__ = definition.fn
         self.ref = f"{definition.fn.__module__}:{definition.fn.__qualname__}"
@@ -204,6 +214,10 @@ class Step(Generic[P, R]):
         compensation_retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
         attempt_timeout: float | timedelta | None = None,
+        compensation_timeout: float | timedelta | None = None,
+        verify_timeout: float | timedelta | None = None,
+        thread_grace: float | timedelta | None = None,
+        not_applied_on: tuple[type[BaseException], ...] | None = None,
     ) -> Step[P, R]:
         """A copy with some settings overridden, for one call site."""
         clone = copy.copy(self)
@@ -217,6 +231,14 @@ class Step(Generic[P, R]):
             clone.timeout = seconds(timeout, "timeout")
         if attempt_timeout is not None:
             clone.attempt_timeout = seconds(attempt_timeout, "attempt_timeout")
+        if compensation_timeout is not None:
+            clone.compensation_timeout = seconds(compensation_timeout, "compensation_timeout")
+        if verify_timeout is not None:
+            clone.verify_timeout = seconds(verify_timeout, "verify_timeout") or clone.verify_timeout
+        if thread_grace is not None:
+            clone.thread_grace = seconds(thread_grace, "thread_grace") or clone.thread_grace
+        if not_applied_on is not None:
+            clone.not_applied_on = _error_types(not_applied_on, "not_applied_on")
         return clone
 
     def check_arguments(self, args: Any, kwargs: Any) -> None:
@@ -247,6 +269,10 @@ def step(
     compensation_retry: RetryPolicy | None = ...,
     timeout: float | timedelta | None = ...,
     attempt_timeout: float | timedelta | None = ...,
+    compensation_timeout: float | timedelta | None = ...,
+    verify_timeout: float | timedelta | None = ...,
+    thread_grace: float | timedelta | None = ...,
+    not_applied_on: tuple[type[BaseException], ...] = ...,
     name: str | None = ...,
 ) -> _StepDecorator: ...
 
@@ -269,6 +295,10 @@ def step(
     compensation_retry: RetryPolicy | None = None,
     timeout: float | timedelta | None = None,
     attempt_timeout: float | timedelta | None = None,
+    compensation_timeout: float | timedelta | None = None,
+    verify_timeout: float | timedelta | None = None,
+    thread_grace: float | timedelta | None = None,
+    not_applied_on: tuple[type[BaseException], ...] = (),
     name: str | None = None,
 ) -> Any:
     """Declare a step. Its function takes a :class:`StepContext` first, then its arguments.
@@ -278,7 +308,12 @@ def step(
     StepContext, *same_args)`` reads back whether a call with ``ctx.idempotency_key``
     landed and returns its result, or :data:`storno.NOT_APPLIED`. ``timeout`` bounds the
     step over all attempts; ``attempt_timeout`` bounds one attempt (a timed-out attempt has
-    an unknown outcome and is verified or retried with the same key).
+    an unknown outcome and is verified or retried with the same key); ``compensation_timeout``
+    one compensation attempt and ``verify_timeout`` one read-back (each its own limit, none
+    inherited). ``thread_grace``: how long a sync call that outlived its timeout is waited for
+    before its position is read back or retried. ``not_applied_on``: errors that prove the
+    call did not take effect (a decline replayed under the same key); they settle an
+    unknown outcome, which no other error does.
     """
     decorator = _StepDecorator(
         kind=StepKind.parse(kind),
@@ -288,6 +323,10 @@ def step(
         compensation_retry=compensation_retry,
         timeout=seconds(timeout, "timeout"),
         attempt_timeout=seconds(attempt_timeout, "attempt_timeout"),
+        compensation_timeout=seconds(compensation_timeout, "compensation_timeout"),
+        verify_timeout=seconds(verify_timeout, "verify_timeout"),
+        thread_grace=seconds(thread_grace, "thread_grace"),
+        not_applied_on=_error_types(not_applied_on, "not_applied_on"),
         name=name,
     )
     return decorator(fn) if fn is not None else decorator
@@ -302,6 +341,10 @@ class _StepDecorator:
     compensation_retry: RetryPolicy | None
     timeout: float | None
     attempt_timeout: float | None
+    compensation_timeout: float | None
+    verify_timeout: float | None
+    thread_grace: float | None
+    not_applied_on: tuple[type[BaseException], ...]
     name: str | None
 
     @overload
@@ -324,7 +367,20 @@ class _StepDecorator:
             compensation_retry=self.compensation_retry,
             timeout=self.timeout,
             attempt_timeout=self.attempt_timeout,
+            compensation_timeout=self.compensation_timeout,
+            verify_timeout=self.verify_timeout,
+            thread_grace=self.thread_grace,
+            not_applied_on=self.not_applied_on,
         )
+
+
+def _error_types(value: Any, what: str) -> tuple[type[BaseException], ...]:
+    """A tuple of exception classes, or a ConfigurationError naming what is not one."""
+    items = (value,) if isinstance(value, type) else tuple(value)
+    for item in items:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise ConfigurationError(f"{what} takes exception classes, got {item!r}")
+    return items
 
 
 def _require_context_parameter(fn: Callable[..., Any], what: str, ctx_type: str) -> None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import dataclasses
 import functools
-import inspect
 import json
 import logging
 import random
@@ -25,29 +23,20 @@ from datetime import UTC, datetime
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from storno import _faults
+from storno._attempts import Calls
 from storno._clock import Clock
 from storno._compensation import compensate
 from storno._context import SagaContext, SyncSagaContext
-from storno._definitions import (
-    NOT_APPLIED,
-    UNKNOWN,
-    NotApplied,
-    Saga,
-    Step,
-    StepContext,
-)
+from storno._definitions import Saga, Step
 from storno._errors import (
     ArgumentMismatchError,
     DeterminismError,
     LeaseLostError,
-    OutcomeUnknownError,
-    SerializationError,
     StepFailedError,
     StoreError,
-    TerminalError,
     error_info,
 )
-from storno._history import StepState, fold
+from storno._history import fold
 from storno._model import (
     Event,
     EventType,
@@ -57,9 +46,9 @@ from storno._model import (
     RetryPolicy,
     RunRecord,
     RunStatus,
-    forward_key,
 )
 from storno._serde import decode, describe, encode
+from storno._steps import ForwardAttempts
 from storno._store import NewRun, RunExistsError, RunUpdate, Store
 from storno._waits import (
     Cancelled,
@@ -156,6 +145,7 @@ class RunExecution:
         # them first, and looks steps up by name only when the body did not run this time.
         self.steps_used: dict[int, Step[..., Any]] = {}
         self.in_flight: dict[int, str] = {}  # positions of steps being called right now
+        self.calls = Calls(host.step_executor)
         self.commit_lock = asyncio.Lock()  # parallel branches commit one after another
         self.inbox: list[InboxMessage] = []
         self.inbox_seen = 0  # newest message loaded into self.inbox
@@ -237,7 +227,8 @@ class RunExecution:
                     continue
                 if touch or update is not None or state is not None:
                     self.touched_at = now
-                self.deferred_update = None
+                if self.deferred_update is deferred:  # not one set while this write ran
+                    self.deferred_update = None
                 self._born(None)
                 self.inbox_latest = max(self.inbox_latest, latest)
                 if update is not None:  # the store keeps the last result and error written
@@ -386,19 +377,42 @@ class RunExecution:
             self.host.note_wake(wake_at)
 
     async def _end_forward(self, exc: BaseException) -> None:
+        """Compensate before the point of no return; after it (or where a step past it may
+        have taken effect) park the run for a person, saying what they can do (rule 5)."""
         error = error_info(exc)
         past = fold(self.events).point_of_no_return()
-        if past is not None:
-            error["message"] = (
-                f"the forward path ended after the point of no return (step {past.name!r}, "
-                f"#{past.position}), so nothing is compensated and the run needs a person: "
-                f"{error['message']}"
-            )
-            await self._park(error)
-        else:
+        if past is None:
             await compensate(self, error)
+            return
+        run_id, where = self.record.run_id, f"step {past.name!r} (#{past.position}, {past.kind})"
+        if past.status == "completed":
+            error["reason"] = "failed_after_pivot"
+            error["message"] = (
+                f"the forward path ended after the point of no return ({where}), so nothing "
+                f"is compensated and the run needs a person: {error['message']}. Fix the "
+                f"cause, then `storno retry {run_id}` to go forward, or `storno resolve "
+                f"{run_id} --as completed --note ...` once it is finished by hand"
+            )
+        else:
+            error["reason"] = "outcome_unknown"
+            error["message"] = (
+                f"{where} may have passed the point of no return: its outcome is unknown "
+                f"({error['message']}), and storno will not compensate as if it had not. "
+                f"Check the other system, then `storno retry {run_id}` to try it again under "
+                f"the same key, `storno compensate {run_id} --outcome {past.name}=not_applied` "
+                f"if it did not take effect, or `storno resolve {run_id} --note ...`"
+            )
+        error["step"], error["position"] = past.name, past.position
+        await self._park(error)
 
     async def _park(self, error: dict[str, Any]) -> None:
+        if error.get("type") in ("storno.DeterminismError", "storno.ArgumentMismatchError"):
+            run_id = self.record.run_id
+            error["reason"] = "nondeterminism"
+            error["message"] += (
+                f". Deploy code that matches the history, then `storno retry {run_id}`, or "
+                f"`storno resolve {run_id} --note ...`"
+            )
         self.append(EventType.RUN_NEEDS_ATTENTION, data={"error": error})
         await self.end(RunUpdate(RunStatus.NEEDS_ATTENTION, error=error, release=True))
 
@@ -470,204 +484,7 @@ class RunExecution:
                 )
         self.in_flight[position] = step.name
         try:
-            return await self._attempts(step, position, args, kwargs, args_text, state)
+            attempts = ForwardAttempts(self, step, position, args, kwargs, args_text, state)
+            return await attempts.run()
         finally:
             del self.in_flight[position]
-
-    async def _attempts(
-        self,
-        step: Step[..., Any],
-        position: int,
-        args: Any,
-        kwargs: Any,
-        args_text: str,
-        state: StepState | None,
-    ) -> Any:
-        run_id = self.record.run_id
-        key = forward_key(run_id, position, step.name)
-        policy = step.retry
-        clock = self.host.clock
-        attempts = state.attempts if state else 0
-        first_start = state.started_at if state else None
-        last_error: dict[str, Any] = (state.error if state else None) or {}
-        unknown = bool(state and (state.last_attempt_open or state.outcome_unknown))
-        if state is not None and state.last_attempt_open:
-            self.append(
-                EventType.OUTCOME_UNKNOWN,
-                position,
-                {"attempt": attempts, "reason": "no outcome was recorded for this attempt"},
-            )
-            last_error = {"type": "OutcomeUnknown", "message": "the worker stopped mid-attempt"}
-        if unknown:
-            found = await self.read_back(step, position, key, attempts, args, kwargs)
-            if found is NOT_APPLIED:
-                unknown = False
-            elif found is not UNKNOWN:
-                return found
-        # An attempt cut short by a stopped worker says nothing about the other system, so
-        # the first retry after a restart does not wait out a backoff (it still counts).
-        backoff = not (state is not None and state.last_attempt_open)
-        while True:
-            now = clock.now()
-            delay = policy.delay(attempts, self.rng) if attempts and backoff else 0.0
-            backoff = True
-            reason = None
-            if attempts and last_error.get("retryable") is False:
-                reason = "terminal error"
-            elif attempts and not policy.allows_another(attempts):
-                reason = f"gave up after {attempts} attempts"
-            elif step.timeout and first_start and now + delay > first_start + step.timeout:
-                reason = f"step timeout of {step.timeout:g}s"
-            elif self.record.deadline is not None and now + delay >= self.record.deadline:
-                reason = "run deadline"
-            if reason is not None:
-                raise self._fail_step(step, position, reason, last_error, unknown)
-            if delay:
-                await clock.sleep(delay)
-            attempts += 1
-            self.append(
-                EventType.STEP_STARTED,
-                position,
-                {
-                    "step": step.name,
-                    "kind": step.kind.value,
-                    "key": key,
-                    "attempt": attempts,
-                    "ref": step.ref,
-                },
-                args_text,
-            )
-            await self.commit()
-            try:
-                # The commit tells of messages that came while the previous step ran.
-                await check_cancel(self)
-            except Cancelled:
-                error = {"type": "Cancelled", "message": "cancelled before the call"}
-                data = {"attempt": attempts, "outcome_unknown": False, "error": error}
-                self.append(EventType.ATTEMPT_FAILED, position, data)
-                raise
-            first_start = first_start or clock.now()
-            context = StepContext(run_id, step.name, position, key, attempts, step.kind)
-            try:
-                # An Exception raised here counts as the attempt's own failure (fault injection).
-                _faults.point("step.started", run_id=run_id, step=step.name, attempt=attempts)
-                result = await self.call(
-                    step.fn, context, args, kwargs, self._time_left(step, first_start)
-                )
-                # An Exception injected here stands for a call that landed and lost its answer.
-                _faults.point("step.returned", run_id=run_id, step=step.name, attempt=attempts)
-            except Exception as exc:
-                # A definite answer to a retry under the same key settles an earlier unknown
-                # outcome: a provider that honours the key answers with the first call's fate.
-                lost = unknown = isinstance(exc, (TimeoutError, OutcomeUnknownError))
-                last_error = error_info(exc)
-                last_error["retryable"] = not isinstance(exc, TerminalError) and (
-                    policy.is_retryable(exc)
-                )
-                self.append(
-                    EventType.ATTEMPT_FAILED,
-                    position,
-                    {"attempt": attempts, "error": last_error, "outcome_unknown": unknown},
-                )
-                if lost:
-                    found = await self.read_back(step, position, key, attempts, args, kwargs)
-                    if found is NOT_APPLIED:
-                        unknown = False
-                    elif found is not UNKNOWN:
-                        return found
-                continue
-            try:
-                result_text = self.encode_value(result, f"result of step {step.name!r}")
-            except SerializationError as exc:
-                raise self._fail_step(
-                    step, position, "its result cannot be recorded", error_info(exc), True
-                ) from exc
-            self.append(EventType.STEP_COMPLETED, position, {"attempt": attempts}, result_text)
-            return decode(result_text)
-
-    def _time_left(self, step: Step[..., Any], first_start: float) -> float | None:
-        now = self.host.clock.now()
-        limits = [step.attempt_timeout]
-        if step.timeout:
-            limits.append(first_start + step.timeout - now)
-        if self.record.deadline is not None:
-            limits.append(self.record.deadline - now)
-        known = [limit for limit in limits if limit is not None]
-        return max(min(known), 0.001) if known else None
-
-    def _fail_step(
-        self,
-        step: Step[..., Any],
-        position: int,
-        reason: str,
-        error: dict[str, Any],
-        unknown: bool,
-    ) -> StepFailedError:
-        failure = StepFailedError(
-            step.name,
-            position,
-            reason,
-            error.get("type", "Error"),
-            error.get("message", ""),
-            unknown,
-        )
-        self.append(
-            EventType.STEP_FAILED,
-            position,
-            {"reason": reason, "error": error_info(failure), "outcome_unknown": unknown},
-        )
-        return failure
-
-    async def read_back(
-        self,
-        step: Step[..., Any],
-        position: int,
-        key: str,
-        attempt: int,
-        args: Any,
-        kwargs: Any,
-    ) -> Any:
-        """Ask the other system whether an attempt of unknown outcome landed (rule 3).
-
-        Returns the step's result if it did, :data:`NOT_APPLIED` if it did not, and
-        :data:`UNKNOWN` when there is no verify function or it failed (then the caller retries
-        with the same key).
-        """
-        if step.verify_fn is None:
-            return UNKNOWN
-        context = StepContext(self.record.run_id, step.name, position, key, attempt, step.kind)
-        try:
-            found = await self.call(step.verify_fn, context, args, kwargs, step.attempt_timeout)
-        except Exception as exc:
-            self.append(
-                EventType.OUTCOME_UNKNOWN,
-                position,
-                {"attempt": attempt, "reason": "read-back failed", "error": error_info(exc)},
-            )
-            return UNKNOWN
-        if isinstance(found, NotApplied):
-            self.append(EventType.VERIFIED, position, {"attempt": attempt, "applied": False})
-            return NOT_APPLIED
-        text = self.encode_value(found, f"read-back result of step {step.name!r}")
-        self.append(EventType.VERIFIED, position, {"attempt": attempt, "applied": True}, text)
-        return decode(text)
-
-    async def call(
-        self,
-        fn: Callable[..., Any],
-        context: Any,
-        args: Any,
-        kwargs: Any,
-        timeout: float | None,
-    ) -> Any:
-        if inspect.iscoroutinefunction(fn):
-            pending: Any = fn(context, *args, **kwargs)
-        else:
-            loop = asyncio.get_running_loop()
-            # Context variables (a trace's current span, say) reach the step's thread too.
-            call = functools.partial(contextvars.copy_context().run, fn, context, *args, **kwargs)
-            pending = loop.run_in_executor(self.host.step_executor, call)
-        result = await asyncio.wait_for(pending, timeout) if timeout else await pending
-        if inspect.isawaitable(result):
-            result = await result
-        return result

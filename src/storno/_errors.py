@@ -17,6 +17,7 @@ Each message says what happened and what to do about it. The tree::
     ├── StoreError                  the database failed or holds a schema storno cannot read
     │   └── LeaseLostError          another worker took the run over; this worker must stop
     ├── TerminalError               raised by step code: do not retry, end the forward path
+    ├── RetryLater                  raised by step code: retry, but not before a given time
     ├── OutcomeUnknownError         raised by step code: the call may or may not have landed
     ├── StepFailedError             a step's forward path ended (raised into the saga body)
     │   └── ChildFailedError        a child run ended without a result
@@ -33,6 +34,7 @@ Each message says what happened and what to do about it. The tree::
 from __future__ import annotations
 
 import traceback
+from datetime import datetime, timedelta
 from typing import Any
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "RunFailedError",
     "RunNotFoundError",
     "RunStateError",
+    "RetryLater",
     "SerializationError",
     "SignalTimeoutError",
     "StepFailedError",
@@ -145,6 +148,20 @@ class TerminalError(StornoError):
 
     Use it when the other system said no for good (card declined, slot taken).
     """
+
+
+class RetryLater(StornoError):
+    """Raise from a step or compensation to retry no sooner than ``after`` (seconds, a
+    timedelta or an aware datetime), as an HTTP 429 or 503 asks with its Retry-After.
+
+    Any exception with a ``retry_after`` attribute of those types is honoured the same way;
+    the wait is capped at the retry policy's maximum interval and bounded by the step's
+    timeout and the run's deadline.
+    """
+
+    def __init__(self, after: float | timedelta | datetime, message: str | None = None) -> None:
+        super().__init__(message or f"retry later (after {after})")
+        self.retry_after = after
 
 
 class OutcomeUnknownError(StornoError):

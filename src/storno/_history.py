@@ -40,7 +40,8 @@ class StepState:
     status: str = "running"  # running | completed | failed
     attempts: int = 0
     last_attempt_open: bool = False  # started, and no outcome recorded for it yet
-    outcome_unknown: bool = False  # the final outcome could not be established
+    outcome_unknown: bool = False  # an answer was lost and nothing has settled it yet
+    spent_before: int = 0  # attempts made before an operator's retry reset the budget
     result: str | None = None
     error: dict[str, Any] | None = None
     started_at: float = 0.0
@@ -127,8 +128,8 @@ def fold(events: list[Event]) -> Fold:
             out.consumed.add(d["inbox_seq"])
         if t is EventType.CANCEL_REQUESTED:
             out.cancel = {"by": d.get("by"), "reason": d.get("reason")}
-        if t is EventType.OPERATOR_ACTION and d.get("action") == "retry":
-            _reset_failed_compensations(out)
+        if t is EventType.OPERATOR_ACTION:
+            _operator_action(out, d)
         if p is None:
             continue
         if t is EventType.VALUE_RECORDED:
@@ -183,8 +184,16 @@ def fold(events: list[Event]) -> Fold:
             state.last_attempt_open = state.outcome_unknown = False
             state.ended_at, state.ended_seq = event.at, event.seq
         elif t is EventType.ATTEMPT_FAILED:
+            # The engine records the step's outcome after the attempt ("lost" marks such
+            # events). Older histories recorded each attempt alone: there only a declared
+            # proof settles an earlier lost answer.
             state.last_attempt_open = False
-            state.outcome_unknown = bool(d.get("outcome_unknown"))
+            if "lost" in d:
+                state.outcome_unknown = bool(d.get("outcome_unknown"))
+            else:
+                state.outcome_unknown = bool(d.get("outcome_unknown")) or (
+                    state.outcome_unknown and not d.get("not_applied")
+                )
             state.error = d.get("error")
         elif t is EventType.OUTCOME_UNKNOWN:
             state.last_attempt_open = False
@@ -236,12 +245,37 @@ def _fold_wait(out: Fold, event: Event) -> None:
         wait.status, wait.payload, wait.meta = "done", event.payload, d
 
 
-def _reset_failed_compensations(out: Fold) -> None:
-    """An operator retried a dead letter: failed compensations run again where they failed."""
-    for state in out.steps.values():
-        comp = state.compensation
-        if comp is not None and comp.status == "failed":
-            comp.status, comp.error, comp.spent_before = "pending", None, comp.attempts
+def _operator_action(out: Fold, d: dict[str, Any]) -> None:
+    """An operator's retry or compensate changes what the engine does next."""
+    action = d.get("action")
+    if action == "retry":
+        # A dead letter's failed compensations run again where they failed; a parked run's
+        # steps that ended its forward path are attempted again (same keys, a fresh budget).
+        forward_only = min(
+            (s.position for s in out.steps.values() if s.kind is not StepKind.COMPENSABLE),
+            default=None,
+        )
+        for state in out.steps.values():
+            comp = state.compensation
+            if comp is not None and comp.status == "failed":
+                comp.status, comp.error, comp.spent_before = "pending", None, comp.attempts
+            elif (
+                d.get("from") == "needs_attention"
+                and state.status == "failed"
+                and state.child_run_id is None
+                and (
+                    state.outcome_unknown
+                    or (forward_only is not None and state.position >= forward_only)
+                )
+            ):
+                state.status, state.spent_before = "running", state.attempts
+    elif action == "compensate":
+        # The operator checked the other system by hand: these steps did not take effect.
+        for position in d.get("not_applied", []):
+            asserted = out.steps.get(int(position))
+            if asserted is not None and asserted.status != "completed":
+                asserted.status, asserted.outcome_unknown = "failed", False
+                asserted.last_attempt_open = False
 
 
 def _fold_compensation(state: StepState, event: Event) -> None:

@@ -250,6 +250,11 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 DEFAULT_RETRY_AFTER_PIVOT = RetryPolicy(maximum_attempts=None)
 DEFAULT_COMPENSATION_RETRY = RetryPolicy(maximum_attempts=10)
+DEFAULT_VERIFY_TIMEOUT = 30.0
+"""Seconds one read-back may take; one that takes longer leaves the outcome unknown."""
+DEFAULT_THREAD_GRACE = 30.0
+"""Seconds a sync call that outlived its timeout is waited for before its position is read
+back, retried or compensated (the thread cannot be stopped; the call may still land)."""
 
 
 def _digest(*parts: str) -> str:

@@ -1,0 +1,394 @@
+"""Unknown outcomes stay unknown until they are settled (rules 3 and 5 of the contract).
+
+A provider here honours idempotency keys but answers 429 and 500 *before* it looks at the key,
+as many do: such an answer says nothing about an earlier attempt whose answer was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+import storno
+
+FAST = storno.RetryPolicy(initial_interval=0.001, maximum_interval=0.01, maximum_attempts=4)
+
+
+class ServerError(Exception):
+    """An HTTP 500 that came before the provider looked at the key."""
+
+
+class RateLimited(Exception):
+    """An HTTP 429 with its Retry-After, also before the key check."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"429 Too Many Requests (Retry-After: {retry_after})")
+        self.retry_after = retry_after
+
+
+class CardDeclined(Exception):
+    """The provider's replayed decline under the same key: proof the charge did not land."""
+
+
+@dataclass
+class Provider:
+    """Charges, refunds and messages by idempotency key; faults are scripted per call."""
+
+    charges: dict[str, int] = field(default_factory=dict)
+    refunds: dict[str, str] = field(default_factory=dict)  # refund key -> charge key
+    messages: dict[str, str] = field(default_factory=dict)
+    script: list[str] = field(default_factory=list)  # one fault per call: "", "lost", "500"...
+    up: bool = True  # reads (verify) fail while down
+    calls: int = 0
+
+    def _fault(self) -> str:
+        self.calls += 1
+        return self.script.pop(0) if self.script else ""
+
+    def charge(self, key: str, amount: int) -> str:
+        fault = self._fault()
+        if fault == "500":
+            raise ServerError("500 Internal Server Error")
+        if fault == "429":
+            raise RateLimited(0.001)
+        if fault == "declined":
+            raise CardDeclined("card declined (replayed under the same key)")
+        if fault == "declined-lost":
+            raise storno.OutcomeUnknownError("connection reset; the card was in fact declined")
+        self.charges.setdefault(key, amount)
+        if fault == "lost":
+            raise storno.OutcomeUnknownError("connection reset after the request was sent")
+        return f"ch-{key[-6:]}"
+
+    def post(self, key: str, text: str) -> str:
+        fault = self._fault()
+        if fault == "500":
+            raise ServerError("500 Internal Server Error")
+        self.messages.setdefault(key, text)
+        if fault == "lost":
+            raise storno.OutcomeUnknownError("read timeout")
+        return f"msg-{key[-6:]}"
+
+    def find_charge(self, key: str) -> object:
+        if not self.up:
+            raise ConnectionError("provider unreachable")
+        return f"ch-{key[-6:]}" if key in self.charges else storno.NOT_APPLIED
+
+    def refund(self, refund_key: str, charge_key: str) -> None:
+        if charge_key in self.charges:  # nothing to refund when the charge never landed
+            self.refunds.setdefault(refund_key, charge_key)
+
+    def balance(self) -> int:
+        refunded = set(self.refunds.values())
+        return sum(a for k, a in self.charges.items() if k not in refunded)
+
+
+@pytest.fixture
+def provider() -> Provider:
+    return Provider()
+
+
+def charge_step(provider: Provider, *, verify: bool, **options: Any) -> storno.Step[..., str]:
+    def find(ctx: storno.StepContext, amount: int) -> object:
+        return provider.find_charge(ctx.idempotency_key)
+
+    options.setdefault("retry", FAST)
+
+    @storno.step(kind="compensable", verify=find if verify else None, **options)
+    def charge(ctx: storno.StepContext, amount: int) -> str:
+        return provider.charge(ctx.idempotency_key, amount)
+
+    @charge.compensation
+    def refund(ctx: storno.CompensationContext[str], amount: int) -> None:
+        provider.refund(ctx.idempotency_key, ctx.forward_key)  # by key: copes with UNKNOWN
+
+    return charge
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
+async def test_lost_charge_then_429_and_500_is_still_refunded(
+    db_url: str, provider: Provider, verify: bool
+):
+    provider.script = ["lost", "429", "500", "500"]
+    provider.up = False  # the read-back fails too
+    charge = charge_step(provider, verify=verify)
+
+    @storno.saga
+    async def pay(ctx: storno.SagaContext, amount: int) -> str:
+        return await ctx.step(charge, amount)
+
+    async with storno.Storno(db_url, sagas=[pay]) as app, app.worker():
+        handle = await app.start(pay, 100)
+        with pytest.raises(storno.RunCompensatedError):
+            await handle.result(timeout=20)
+        info = await handle.describe()
+    assert len(provider.charges) == 1
+    assert provider.balance() == 0, "the charge landed and was never refunded"
+    step = info.steps[0]
+    assert step.outcome_unknown and step.status == "unknown"
+    assert step.compensation is not None and step.compensation.status == "completed"
+
+
+async def test_lost_slack_message_then_500s_parks_the_run_instead_of_compensating(
+    db_url: str, provider: Provider
+):
+    charge = charge_step(provider, verify=True)
+
+    @storno.step(kind="noncompensable", retry=FAST)
+    def post_slack(ctx: storno.StepContext, text: str) -> str:
+        return provider.post(ctx.idempotency_key, text)
+
+    @storno.saga
+    async def invoice(ctx: storno.SagaContext, amount: int) -> None:
+        await ctx.step(charge, amount)
+        await ctx.step(post_slack, "invoice sent")
+
+    provider.script = ["", "lost", "500", "500", "500"]
+    async with storno.Storno(db_url, sagas=[invoice]) as app, app.worker():
+        handle = await app.start(invoice, 100)
+        with pytest.raises(storno.NeedsAttentionError) as caught:
+            await handle.result(timeout=20)
+        info = await handle.describe()
+    assert provider.messages, "the message went out"
+    assert provider.refunds == {}, "the charge was refunded although the message said sent"
+    assert info.status is storno.RunStatus.NEEDS_ATTENTION
+    message = str(caught.value)
+    assert "post_slack" in message and "unknown" in message
+    assert "storno retry" in message and "storno resolve" in message
+    assert info.steps[1].status == "unknown"
+
+
+async def test_declared_not_applied_error_settles_the_unknown_outcome(
+    db_url: str, provider: Provider
+):
+    provider.script = ["declined-lost", "declined"]
+    retry = storno.RetryPolicy(initial_interval=0.001, non_retryable=(CardDeclined,))
+    charge = charge_step(provider, verify=False, retry=retry, not_applied_on=(CardDeclined,))
+
+    @storno.saga
+    async def pay(ctx: storno.SagaContext, amount: int) -> str:
+        return await ctx.step(charge, amount)
+
+    async with storno.Storno(db_url, sagas=[pay]) as app, app.worker():
+        handle = await app.start(pay, 100)
+        with pytest.raises(storno.RunCompensatedError):
+            await handle.result(timeout=20)
+        info = await handle.describe()
+    step = info.steps[0]
+    # A declared decline under the same key proves the call did not take effect: nothing to
+    # compensate, and the step is not shown as unknown.
+    assert not step.outcome_unknown and step.status == "failed"
+    assert step.compensation is None
+    failed = [e for e in info.history if e.type == "attempt_failed"]
+    assert [e.data["outcome_unknown"] for e in failed] == [True, False]
+
+
+async def test_a_retry_that_returns_settles_the_unknown_outcome(db_url: str, provider: Provider):
+    provider.script = ["lost", "500", ""]
+    charge = charge_step(provider, verify=False)
+
+    @storno.saga
+    async def pay(ctx: storno.SagaContext, amount: int) -> str:
+        return await ctx.step(charge, amount)
+
+    async with storno.Storno(db_url, sagas=[pay]) as app, app.worker():
+        assert (await app.run(pay, 100)).startswith("ch-")
+        info = await app.describe((await app.list_runs())[0].run_id)
+    failed = [e.data["outcome_unknown"] for e in info.history if e.type == "attempt_failed"]
+    assert failed == [True, True]  # the 500 did not settle it; the returning retry did
+    assert info.steps[0].status == "completed" and not info.steps[0].outcome_unknown
+
+
+async def test_sync_step_past_its_attempt_timeout_is_waited_for_before_read_back(
+    db_url: str, provider: Provider
+):
+    release = threading.Event()
+    verified_while_running: list[bool] = []
+    running = threading.Event()
+
+    def find(ctx: storno.StepContext, amount: int) -> object:
+        verified_while_running.append(running.is_set())
+        return provider.find_charge(ctx.idempotency_key)
+
+    @storno.step(
+        kind="compensable",
+        retry=FAST,
+        verify=find,
+        attempt_timeout=0.05,
+        thread_grace=10,
+    )
+    def charge(ctx: storno.StepContext, amount: int) -> str:
+        running.set()
+        release.wait(10)
+        time.sleep(0.05)
+        provider.charges[ctx.idempotency_key] = amount  # lands after the engine stopped waiting
+        running.clear()
+        return "late"
+
+    @charge.compensation
+    def refund(ctx: storno.CompensationContext[str], amount: int) -> None:
+        provider.refund(ctx.idempotency_key, ctx.forward_key)
+
+    @storno.saga
+    async def pay(ctx: storno.SagaContext, amount: int) -> str:
+        return await ctx.step(charge, amount)
+
+    async with storno.Storno(db_url, sagas=[pay]) as app, app.worker():
+        handle = await app.start(pay, 100)
+        deadline = time.monotonic() + 10
+        while not any(e.data.get("still_running") for e in (await handle.describe()).history):
+            assert time.monotonic() < deadline, "the attempt never timed out"
+            await asyncio.sleep(0.01)
+        release.set()
+        result = await handle.result(timeout=20)
+        info = await handle.describe()
+    # The engine waited for the thread and took its answer; it never asked the provider
+    # while the call was still in flight, and never charged twice.
+    assert result == "late"
+    assert True not in verified_while_running
+    assert len(provider.charges) == 1 and provider.refunds == {}
+    assert info.steps[0].attempts == 1
+    late = [e for e in info.history if e.type == "step_completed"]
+    assert late and late[0].data.get("late")
+
+
+async def test_sync_step_outliving_its_grace_stays_unknown(db_url: str, provider: Provider):
+    release = threading.Event()
+
+    @storno.step(
+        kind="noncompensable",
+        retry=storno.RetryPolicy(maximum_attempts=1),
+        attempt_timeout=0.05,
+        thread_grace=0.1,
+    )
+    def post_slack(ctx: storno.StepContext, text: str) -> str:
+        release.wait(10)
+        return "posted"
+
+    @storno.saga
+    async def notify(ctx: storno.SagaContext) -> str:
+        return await ctx.step(post_slack, "hi")
+
+    try:
+        async with storno.Storno(db_url, sagas=[notify]) as app, app.worker():
+            handle = await app.start(notify)
+            with pytest.raises(storno.NeedsAttentionError) as caught:
+                await handle.result(timeout=20)
+    finally:
+        release.set()
+    assert "may still land" in str(caught.value) or "still running" in str(caught.value)
+
+
+async def test_retry_later_is_honoured_within_the_maximum_interval(db_url: str):
+    calls: list[float] = []
+    clock_start = time.monotonic()
+
+    @storno.step(
+        kind="retryable",
+        retry=storno.RetryPolicy(initial_interval=0.001, maximum_interval=0.3, jitter=0),
+    )
+    def fetch(ctx: storno.StepContext) -> int:
+        calls.append(time.monotonic() - clock_start)
+        if len(calls) == 1:
+            raise storno.RetryLater(0.2, "429 Too Many Requests")
+        if len(calls) == 2:
+            raise RateLimited(60)  # capped at the policy's maximum interval
+        if len(calls) == 3:
+            raise RateLimited(datetime.now(UTC) + timedelta(seconds=0.1))
+        return len(calls)
+
+    @storno.saga
+    async def s(ctx: storno.SagaContext) -> int:
+        return await ctx.step(fetch)
+
+    async with storno.Storno(db_url, sagas=[s]) as app, app.worker():
+        handle = await app.start(s)
+        assert await handle.result(timeout=20) == 4
+        info = await handle.describe()
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.3 and gaps[2] >= 0.05
+    waits = [e.data.get("retry_after") for e in info.history if e.type == "attempt_failed"]
+    assert waits[0] == pytest.approx(0.2) and waits[1] == pytest.approx(60)
+
+
+async def test_compensation_retry_honours_non_retryable(db_url: str):
+    attempts: list[int] = []
+
+    class Gone(Exception):
+        pass
+
+    @storno.step(
+        kind="compensable",
+        compensation_retry=storno.RetryPolicy(
+            initial_interval=0.001, maximum_attempts=5, non_retryable=(Gone,)
+        ),
+    )
+    def book(ctx: storno.StepContext) -> str:
+        return "b"
+
+    @book.compensation
+    def unbook(ctx: storno.CompensationContext[str]) -> None:
+        attempts.append(ctx.attempt)
+        raise Gone("the booking system refuses for good")
+
+    @storno.step(kind="compensable")
+    def fail(ctx: storno.StepContext) -> None:
+        raise storno.TerminalError("no")
+
+    @fail.compensation
+    def nothing(ctx: storno.CompensationContext[None]) -> None:
+        pass
+
+    @storno.saga
+    async def s(ctx: storno.SagaContext) -> None:
+        await ctx.step(book)
+        await ctx.step(fail)
+
+    async with storno.Storno(db_url, sagas=[s]) as app, app.worker():
+        with pytest.raises(storno.CompensationFailedError):
+            await app.run(s)
+    assert attempts == [1]
+
+
+async def test_compensation_timeout_bounds_a_compensation_attempt(db_url: str):
+    attempts: list[int] = []
+
+    @storno.step(
+        kind="compensable",
+        attempt_timeout=30,
+        compensation_timeout=0.05,
+        compensation_retry=storno.RetryPolicy(initial_interval=0.001, maximum_attempts=3),
+    )
+    async def book(ctx: storno.StepContext) -> str:
+        return "b"
+
+    @book.compensation
+    async def unbook(ctx: storno.CompensationContext[str]) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            await asyncio.sleep(30)
+
+    @storno.step(kind="compensable")
+    def fail(ctx: storno.StepContext) -> None:
+        raise storno.TerminalError("no")
+
+    @fail.compensation
+    def nothing(ctx: storno.CompensationContext[None]) -> None:
+        pass
+
+    @storno.saga
+    async def s(ctx: storno.SagaContext) -> None:
+        await ctx.step(book)
+        await ctx.step(fail)
+
+    async with storno.Storno(db_url, sagas=[s]) as app, app.worker():
+        with pytest.raises(storno.RunCompensatedError):
+            await asyncio.wait_for(app.run(s), 10)
+    assert attempts == [1, 2]
