@@ -118,7 +118,7 @@ def test_operator_commands_refuse_bad_input_with_clear_errors(tmp_path: Path) ->
     no_reason = cli("cancel", run_id, *db, cwd=tmp_path)
     assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
     not_dead = cli("retry", run_id, *db, cwd=tmp_path)
-    assert not_dead.returncode == 1 and "not a dead letter" in not_dead.stderr
+    assert not_dead.returncode == 1 and "only a run that needs a person" in not_dead.stderr
 
 
 def test_dead_letters_listed_retried_and_resolved(tmp_path: Path) -> None:

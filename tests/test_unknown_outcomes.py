@@ -12,11 +12,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import storno
+from test_cli import cli
 
 FAST = storno.RetryPolicy(initial_interval=0.001, maximum_interval=0.01, maximum_attempts=4)
 
@@ -71,6 +73,8 @@ class Provider:
         fault = self._fault()
         if fault == "500":
             raise ServerError("500 Internal Server Error")
+        if fault == "500-lost":  # the message never went out, but its answer was lost
+            raise storno.OutcomeUnknownError("read timeout")
         self.messages.setdefault(key, text)
         if fault == "lost":
             raise storno.OutcomeUnknownError("read timeout")
@@ -392,3 +396,116 @@ async def test_compensation_timeout_bounds_a_compensation_attempt(db_url: str):
         with pytest.raises(storno.RunCompensatedError):
             await asyncio.wait_for(app.run(s), 10)
     assert attempts == [1, 2]
+
+
+# --- a way out of needs_attention ---------------------------------------------------------
+
+
+def invoice_saga(provider: Provider) -> tuple[storno.Saga[..., None], list[storno.Step[..., Any]]]:
+    charge = charge_step(provider, verify=True)
+
+    @storno.step(kind="noncompensable", retry=FAST)
+    def post_slack(ctx: storno.StepContext, text: str) -> str:
+        return provider.post(ctx.idempotency_key, text)
+
+    @storno.saga
+    async def invoice(ctx: storno.SagaContext, amount: int) -> None:
+        await ctx.step(charge, amount)
+        await ctx.step(post_slack, "invoice sent")
+
+    return invoice, [charge, post_slack]
+
+
+async def _parked_run(app: storno.Storno, saga: storno.Saga[..., None]) -> str:
+    handle = await app.start(saga, 100)
+    with pytest.raises(storno.NeedsAttentionError):
+        await handle.result(timeout=20)
+    return handle.run_id
+
+
+async def test_parked_run_compensated_only_with_the_operators_assertion(
+    db_url: str, provider: Provider
+):
+    saga, steps = invoice_saga(provider)
+    provider.script = ["", "500-lost", "500", "500", "500"]
+    async with storno.Storno(db_url, sagas=[saga], steps=steps) as app, app.worker():
+        run_id = await _parked_run(app, saga)
+        with pytest.raises(storno.RunStateError, match=r"--outcome post_slack=not_applied"):
+            await app.compensate(run_id, by="ops")
+        with pytest.raises(storno.ConfigurationError, match="no step 'nope'"):
+            await app.compensate(run_id, by="ops", not_applied=["nope"])
+        with pytest.raises(storno.ConfigurationError, match="recorded as completed"):
+            await app.compensate(run_id, by="ops", not_applied=["charge"])
+        await app.compensate(
+            run_id, by="ops", note="no message in the channel", not_applied=["post_slack"]
+        )
+        with pytest.raises(storno.RunCompensatedError):
+            await app.get_handle(run_id).result(timeout=20)
+        info = await app.describe(run_id)
+    assert provider.balance() == 0 and len(provider.refunds) == 1
+    action = next(e for e in info.history if e.type == "operator_action")
+    assert action.data["not_applied"] == [1] and action.data["by"] == "ops"
+    assert action.data["note"] == "no message in the channel"
+
+
+async def test_parked_run_retried_goes_forward_under_the_same_key(db_url: str, provider: Provider):
+    saga, steps = invoice_saga(provider)
+    provider.script = ["", "lost", "500", "500", "500"]
+    async with storno.Storno(db_url, sagas=[saga], steps=steps) as app, app.worker():
+        run_id = await _parked_run(app, saga)
+        with pytest.raises(storno.RunStateError, match="parked for a person"):
+            await app.cancel(run_id, by="ops", reason="give up")
+        await app.retry(run_id, by="ops", note="Slack is back")
+        await app.get_handle(run_id).result(timeout=20)
+        info = await app.describe(run_id)
+    assert len(provider.messages) == 1 and provider.refunds == {}
+    slack = info.steps[1]
+    assert slack.status == "completed" and slack.attempts == 5  # numbering goes on
+    keys = {e.data["key"] for e in info.history if e.type == "step_started" and e.position == 1}
+    assert len(keys) == 1
+
+
+async def test_parked_run_resolved_by_hand_says_how_it_ended(db_url: str, provider: Provider):
+    saga, steps = invoice_saga(provider)
+    provider.script = ["", "lost", "500", "500", "500"]
+    async with storno.Storno(db_url, sagas=[saga], steps=steps) as app, app.worker():
+        run_id = await _parked_run(app, saga)
+        with pytest.raises(storno.ConfigurationError, match="outcome='completed'"):
+            await app.resolve(run_id, by="ops", note="checked")
+        await app.resolve(run_id, by="ops", note="message was posted", outcome="completed")
+        assert (await app.describe(run_id)).status is storno.RunStatus.COMPLETED
+        with pytest.raises(storno.RunStateError, match="needs a person"):
+            await app.retry(run_id, by="ops")
+
+
+@pytest.mark.sqlite_only
+async def test_operator_commands_for_a_parked_run(tmp_path: Path, provider: Provider):
+    url = f"sqlite:///{tmp_path / 'parked.db'}"
+    saga, steps = invoice_saga(provider)
+    provider.script = ["", "500-lost", "500", "500", "500", "", "lost", "500", "500", "500"]
+    async with storno.Storno(url, sagas=[saga], steps=steps) as app, app.worker():
+        first, second = await _parked_run(app, saga), await _parked_run(app, saga)
+    db = ("--db", url)
+    refused = await asyncio.to_thread(cli, "compensate", first, *db, cwd=tmp_path)
+    assert refused.returncode == 1 and "--outcome post_slack=not_applied" in refused.stderr
+    bad = await asyncio.to_thread(
+        cli, "compensate", first, "--outcome", "post_slack", *db, cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "STEP=not_applied" in bad.stderr
+    done = await asyncio.to_thread(
+        cli, "compensate", first, "--outcome", "post_slack=not_applied", "--note", "checked",
+        "--by", "maria", *db, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    unsaid = await asyncio.to_thread(cli, "resolve", second, "--note", "posted", *db, cwd=tmp_path)
+    assert unsaid.returncode == 1 and "--as completed" in unsaid.stderr
+    resolved = await asyncio.to_thread(
+        cli, "resolve", second, "--note", "posted", "--as", "completed", *db, cwd=tmp_path
+    )
+    assert resolved.returncode == 0, resolved.stderr
+    async with storno.Storno(url, sagas=[saga], steps=steps) as app, app.worker():
+        with pytest.raises(storno.RunCompensatedError):
+            await app.get_handle(first).result(timeout=20)
+        assert (await app.describe(second)).status is storno.RunStatus.COMPLETED
+    shown = await asyncio.to_thread(cli, "show", first, *db, cwd=tmp_path)
+    assert "compensate by maria" in shown.stdout

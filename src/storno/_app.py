@@ -13,6 +13,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from storno import _operator
 from storno._clock import Clock, SystemClock
 from storno._context import APPROVAL_SIGNAL
 from storno._definitions import Saga, Step
@@ -473,6 +474,12 @@ class Storno:
         record = await self.store.get_run(run_id)
         if record is None:
             raise RunNotFoundError(run_id)
+        if record.status in (RunStatus.NEEDS_ATTENTION, RunStatus.COMPENSATION_FAILED):
+            raise RunStateError(
+                f"run {run_id} is {record.status.value}: it is parked for a person and cannot "
+                f"be cancelled; retry it, compensate it (needs_attention, where nothing past "
+                f"its point of no return took effect), or resolve it by hand"
+            )
         past = fold(await self.store.history(run_id)).point_of_no_return()
         if past is not None and record.status not in ENDED:
             raise RunStateError(
@@ -489,47 +496,43 @@ class Storno:
         )
 
     async def retry(self, run_id: str, *, by: str, note: str | None = None) -> None:
-        """Retry a dead letter's compensation where it failed, with the same keys."""
-        await self._operate(
-            run_id,
-            RunStatus.COMPENSATING,
-            {"action": "retry", "by": by, "note": note},
-            claimable=True,
-        )
+        """Retry a dead letter's failed compensations where they failed, or resume a run in
+        ``needs_attention`` under the current code; the same keys, a fresh retry budget."""
+        await self.open()
+        await _operator.retry(self.store, self.clock, run_id, by=by, note=note)
+        self._run_settled(run_id)
         self.wake_workers()
 
-    async def resolve(self, run_id: str, *, by: str, note: str) -> None:
-        """Mark a dead letter as compensated by hand; the note says what was done."""
-        if not note:
-            raise ConfigurationError("resolve needs a note saying what was done by hand")
-        await self._operate(
-            run_id,
-            RunStatus.COMPENSATED,
-            {"action": "resolve", "by": by, "note": note},
-            claimable=False,
-        )
-
-    async def _operate(
-        self, run_id: str, status: RunStatus, data: dict[str, Any], *, claimable: bool
+    async def compensate(
+        self,
+        run_id: str,
+        *,
+        by: str,
+        note: str | None = None,
+        not_applied: Sequence[str | int] = (),
     ) -> None:
+        """Compensate a run in ``needs_attention`` now.
+
+        Allowed only where no step at or after its point of no return took effect or may
+        have: ``not_applied`` names steps (by name or position) whose outcome is unknown and
+        that the operator found, in the other system, did not take effect. That assertion is
+        journaled with the action.
+        """
         await self.open()
-        changed = await self.store.operate(
-            run_id,
-            expected=[RunStatus.COMPENSATION_FAILED],
-            status=status,
-            event_type=EventType.OPERATOR_ACTION,
-            data=data,
-            now=self.clock.now(),
-            claimable=claimable,
+        await _operator.compensate(
+            self.store, self.clock, run_id, by=by, note=note, not_applied=not_applied
         )
-        if changed is None:
-            record = await self.store.get_run(run_id)
-            if record is None:
-                raise RunNotFoundError(run_id)
-            raise RunStateError(
-                f"run {run_id} is {record.status.value}, not a dead letter "
-                f"(compensation_failed); only dead letters can be retried or resolved"
-            )
+        self._run_settled(run_id)
+        self.wake_workers()
+
+    async def resolve(self, run_id: str, *, by: str, note: str, outcome: str | None = None) -> None:
+        """Close a run that needs a person as handled by hand; the note says what was done.
+
+        A dead letter ends ``compensated``. A run in ``needs_attention`` ends as ``outcome``
+        says: ``"completed"`` (finished by hand) or ``"compensated"`` (undone by hand).
+        """
+        await self.open()
+        await _operator.resolve(self.store, self.clock, run_id, by=by, note=note, outcome=outcome)
         self._run_settled(run_id)
 
     async def query(self, run_id: str, name: str | None = None) -> Any:

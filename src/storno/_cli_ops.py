@@ -1,4 +1,5 @@
-"""Operator commands: talk to runs (signal, approve, reject, cancel) and handle dead letters.
+"""Operator commands: talk to runs (signal, approve, reject, cancel) and handle the runs that
+need a person (retry, compensate, resolve).
 
 Every action is journaled in the run's history with who did it and why: ``--by`` defaults to
 ``$STORNO_ACTOR``, else the login name.
@@ -123,28 +124,72 @@ def dead_letters(limit: int, as_json: bool, url: str) -> None:
         click.echo(f"{run.run_id}  {run.saga}  since {_ts(run.updated_at)} UTC\n  {message}")
 
 
-@click.command(short_help="Retry a dead letter's failed compensation.")
+@click.command(short_help="Retry a run that needs a person.")
 @click.argument("run_id", metavar="RUN")
 @click.option("--note", help="Why it should work now; recorded.")
 @_by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @_db_option
 def retry(run_id: str, note: str | None, by: str, as_json: bool, url: str) -> None:
-    """Retry RUN's compensation where it failed, with the same compensation keys."""
+    """Retry RUN: a dead letter's compensation where it failed, or a run in needs_attention
+    under the current code (its failed step again, under the same key)."""
     _with_app(url, lambda app: app.retry(run_id, by=by, note=note))
     _report(as_json, run_id, "retry", by=by)
 
 
-@click.command(short_help="Mark a dead letter compensated by hand.")
+def _outcomes(values: tuple[str, ...]) -> list[str]:
+    steps = []
+    for value in values:
+        step, _, outcome = value.partition("=")
+        if not step or outcome != "not_applied":
+            raise click.BadParameter(
+                f"expected STEP=not_applied, got {value!r}", param_hint="--outcome"
+            )
+        steps.append(step)
+    return steps
+
+
+@click.command(short_help="Compensate a run in needs_attention.")
 @click.argument("run_id", metavar="RUN")
-@click.option("--note", required=True, help="What was done by hand; recorded.")
+@click.option(
+    "--outcome",
+    "outcomes",
+    multiple=True,
+    metavar="STEP=not_applied",
+    help="A step of unknown outcome that you checked did not take effect (by name or "
+    "position); recorded. Repeat for several.",
+)
+@click.option("--note", help="What you checked; recorded.")
 @_by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @_db_option
-def resolve(run_id: str, note: str, by: str, as_json: bool, url: str) -> None:
-    """Mark RUN (a dead letter) as compensated by hand, with a note saying what was done."""
-    _with_app(url, lambda app: app.resolve(run_id, by=by, note=note))
+def compensate(
+    run_id: str, outcomes: tuple[str, ...], note: str | None, by: str, as_json: bool, url: str
+) -> None:
+    """Compensate RUN now. Refused where a step at or after its point of no return took
+    effect or may have, unless --outcome says it did not."""
+    steps = _outcomes(outcomes)
+    _with_app(url, lambda app: app.compensate(run_id, by=by, note=note, not_applied=steps))
+    _report(as_json, run_id, "compensate", by=by)
+
+
+@click.command(short_help="Close a run that needs a person as handled by hand.")
+@click.argument("run_id", metavar="RUN")
+@click.option("--note", required=True, help="What was done by hand; recorded.")
+@click.option(
+    "--as",
+    "outcome",
+    type=click.Choice(["completed", "compensated"]),
+    help="How the run ended by hand (needs_attention runs only; a dead letter is compensated).",
+)
+@_by_option
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_db_option
+def resolve(run_id: str, note: str, outcome: str | None, by: str, as_json: bool, url: str) -> None:
+    """Mark RUN as handled by hand, with a note saying what was done: a dead letter as
+    compensated, a run in needs_attention as completed or compensated (--as)."""
+    _with_app(url, lambda app: app.resolve(run_id, by=by, note=note, outcome=outcome))
     _report(as_json, run_id, "resolved", by=by)
 
 
-COMMANDS = (signal, approve, reject, cancel, dead_letters, retry, resolve)
+COMMANDS = (signal, approve, reject, cancel, dead_letters, retry, compensate, resolve)
