@@ -136,7 +136,12 @@ async def test_dead_letter_retry_resumes_with_the_same_compensation_key(db_url: 
     expected = ["hold car", f"unhold car {failed.idempotency_key}"]
     assert expected == LEDGER
     action = next(e for e in info.history if e.type == "operator_action")
-    assert action.data == {"action": "retry", "by": "ops", "note": "refund API is back"}
+    assert action.data == {
+        "action": "retry",
+        "by": "ops",
+        "note": "refund API is back",
+        "from": "compensation_failed",
+    }
 
 
 async def test_dead_letter_resolved_by_hand(db_url: str) -> None:
@@ -150,7 +155,7 @@ async def test_dead_letter_resolved_by_hand(db_url: str) -> None:
         await app.resolve(handle.run_id, by="ops", note="refunded in the provider's console")
         with pytest.raises(storno.RunCompensatedError):
             await handle.result(timeout=5)
-        with pytest.raises(storno.RunStateError, match="not a dead letter"):
+        with pytest.raises(storno.RunStateError, match="only a run that needs a person"):
             await app.retry(handle.run_id, by="ops")
         info = await app.describe(handle.run_id)
     assert info.history[-1].type == "operator_action"
