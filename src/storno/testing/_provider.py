@@ -243,13 +243,14 @@ class FakeProvider:
                 raise ProviderUnavailable(
                     f"503: the provider is down (request #{number} of run {run_id})", status=503
                 )
-        after: Fault | None = None
+        # Every fault counts the requests it matches, whichever of them fires.
+        firing: list[Fault] = []
         for index, fault in enumerate(schedule.faults):
-            if not fault.matches(on, op):
-                continue
-            seen = self._matched[run_id, index] = self._matched.get((run_id, index), 0) + 1
-            if not fault.nth <= seen < fault.nth + fault.times:
-                continue
+            if fault.matches(on, op):
+                seen = self._matched[run_id, index] = self._matched.get((run_id, index), 0) + 1
+                if fault.nth <= seen < fault.nth + fault.times:
+                    firing.append(fault)
+        for fault in firing:
             if fault.kind == "error":
                 self._note(run_id, on, op, "500")
                 raise ProviderUnavailable(f"500: internal error ({on} {op}, run {run_id})")
@@ -259,7 +260,7 @@ class FakeProvider:
                     f"429: too many requests ({on} {op}, run {run_id})",
                     retry_after=fault.retry_after,
                 )
-            after = after or fault
+        after = firing[0] if firing else None
         return number, after
 
     def _note(self, run_id: str, on: RequestKind, op: str, answer: str) -> None:
