@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 __all__ = ["Crash", "Fault", "FaultKind", "Outage", "RequestKind", "Schedule", "random_schedule"]
@@ -109,8 +109,6 @@ class Schedule:
     faults: tuple[Fault, ...] = ()
     outages: tuple[Outage, ...] = ()
     crashes: tuple[Crash, ...] = ()
-    seed: int | None = field(default=None, compare=False)
-    """The seed it was drawn from, if it was drawn."""
 
     @property
     def empty(self) -> bool:
