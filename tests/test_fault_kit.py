@@ -464,3 +464,20 @@ async def test_waits_are_answered_only_once_the_run_waits(tmp_path: Path) -> Non
     start = seen.index("signal_wait_started")
     assert "signal_received" in seen[start:]
     assert "signal_received" not in seen[:start]
+
+
+def test_testing_exports_are_pinned() -> None:
+    import storno.testing
+
+    assert set(storno.testing.__all__) == {
+        "VirtualClock", "advance", "FaultInjector", "FaultRule", "Injection", "SimulatedCrash",
+        "restart_worker", "restart_workers", "check_failure_points", "FailurePointReport",
+        "FailurePointError", "ScenarioOutcome", "EffectsReader", "Approve", "FakeProvider",
+        "Effect", "ProviderError", "ProviderUnavailable", "ProviderThrottled", "ProviderTimeout",
+        "ProviderConflict", "Declined", "Schedule", "Fault", "Outage", "Crash",
+        "random_schedule", "check_fault_schedules", "FaultScheduleReport", "FaultScheduleError",
+        "ScheduleOutcome",
+    }  # fmt: skip
+    assert len(storno.testing.__all__) == len(set(storno.testing.__all__))
+    for name in storno.testing.__all__:
+        assert hasattr(storno.testing, name), name
