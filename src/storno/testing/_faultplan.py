@@ -91,8 +91,9 @@ class Outage:
 
 @dataclass(frozen=True, slots=True)
 class Crash:
-    """The worker dies in a step (a :meth:`storno.testing.FaultInjector.crash`): before its
-    ``attempt``-th attempt's call, or after it returned and before its result was recorded."""
+    """The worker dies in a step (a :meth:`storno.testing.FaultInjector.crash`): before an
+    attempt's call, or after the call returned and before its result was recorded; the
+    ``attempt``-th time the step reaches that point in the run."""
 
     step: str
     when: Literal["before_call", "after_call"] = "after_call"
