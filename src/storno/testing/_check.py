@@ -29,6 +29,7 @@ from storno._views import RunInfo
 from storno._worker import Worker
 from storno.testing._clock import VirtualClock
 from storno.testing._inject import FaultInjector, FaultRule, restart_worker
+from storno.testing._waiting import Approve, WaitFeeder
 
 __all__ = [
     "EffectsReader",
@@ -298,10 +299,16 @@ def _slug(text: str) -> str:
 
 
 async def _drive(
-    app: Storno, run_id: str, faults: FaultInjector, worker: Worker, timeout: float
+    app: Storno,
+    run_id: str,
+    faults: FaultInjector,
+    worker: Worker,
+    timeout: float,
+    feeder: WaitFeeder | None = None,
 ) -> tuple[RunStatus | None, Worker]:
-    """Wait until the run ends, restarting the worker after every simulated crash and
-    skipping virtual time to the wake time of a waiting run."""
+    """Wait until the run ends, restarting the worker after every simulated crash, answering
+    the run's signal and approval waits, and skipping virtual time to the wake time of a
+    waiting run."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     restarts = 0
@@ -313,6 +320,12 @@ async def _drive(
         if len(faults.crashes) > restarts:
             restarts += 1
             worker = await restart_worker(worker, grace=1.0)
+            continue
+        if (
+            record.status is RunStatus.WAITING
+            and feeder is not None
+            and await feeder.feed(app, run_id)
+        ):
             continue
         if (
             record.status is RunStatus.WAITING
@@ -337,6 +350,8 @@ async def check_failure_points(
     folder: str | os.PathLike[str] | None = None,
     make_app: Callable[[str], Storno] | None = None,
     steps: Iterable[Step[..., Any]] = (),
+    signals: Mapping[str, Any] | None = None,
+    approve: Approve | None = None,
     timeout: float = 30.0,
     raise_on_failure: bool = True,
 ) -> FailurePointReport:
@@ -355,6 +370,10 @@ async def check_failure_points(
     from ``make_app(url)``; the default is ``Storno(url, sagas=[saga], steps=steps,
     clock=VirtualClock())``, so retry backoffs take no time. Steps defined inside a function
     must be passed in ``steps`` so that a compensation resumed after a crash finds them.
+
+    A saga that waits is answered once each wait has begun: ``signals`` maps a signal's name
+    to the data to send, and ``approve`` answers ``ctx.wait_for_approval()`` (``True``
+    approves, ``False`` rejects, a callable given the :class:`storno.RunInfo` decides).
 
     Returns the report; raises :class:`FailurePointError` (an ``AssertionError``) naming the
     failing scenarios unless ``raise_on_failure=False``.
@@ -388,7 +407,8 @@ async def check_failure_points(
                 await worker.start()
                 try:
                     await app.start(saga.options(run_id=run_id), *args, **call_kwargs)
-                    status, worker = await _drive(app, run_id, faults, worker, timeout)
+                    feeder = WaitFeeder(signals, approve)
+                    status, worker = await _drive(app, run_id, faults, worker, timeout, feeder)
                     info = await app.describe(run_id)
                     if scenario is None and status is RunStatus.COMPLETED:
                         spots.extend(_learn(app, info))
