@@ -486,6 +486,10 @@ async def test_operator_commands_for_a_parked_run(tmp_path: Path, provider: Prov
     async with storno.Storno(url, sagas=[saga], steps=steps) as app, app.worker():
         first, second = await _parked_run(app, saga), await _parked_run(app, saga)
     db = ("--db", url)
+    parked = (await asyncio.to_thread(cli, "show", first, *db, cwd=tmp_path)).stdout
+    assert "post_slack  noncompensable unknown" in parked
+    assert "x attempt 2 failed: test_unknown_outcomes.ServerError" in parked
+    assert "the outcome stays unknown" in parked
     refused = await asyncio.to_thread(cli, "compensate", first, *db, cwd=tmp_path)
     assert refused.returncode == 1 and "--outcome post_slack=not_applied" in refused.stderr
     bad = await asyncio.to_thread(

@@ -68,8 +68,15 @@ def _notes(history: list[HistoryEvent]) -> tuple[dict[int, list[str]], dict[int,
         if e.position is None:
             continue
         d, out = e.data, forward[e.position]
-        if e.type == "attempt_failed" and d.get("outcome_unknown"):
+        if e.type == "attempt_failed" and d.get("lost", d.get("outcome_unknown")):
             out.append(f"? attempt {d['attempt']}: outcome unknown ({_err(d.get('error'))})")
+        elif e.type == "attempt_failed" and d.get("outcome_unknown"):
+            out.append(
+                f"x attempt {d['attempt']} failed: {_err(d.get('error'))}; the outcome stays "
+                f"unknown (an earlier answer was lost)"
+            )
+        elif e.type == "step_completed" and d.get("late"):
+            out.append(f"= attempt {d['attempt']} returned late, after the engine stopped waiting")
         elif e.type == "attempt_failed":
             out.append(f"x attempt {d['attempt']} failed: {_err(d.get('error'))}")
         elif e.type == "outcome_unknown":

@@ -154,7 +154,9 @@ def build_timeline(info: RunInfo) -> Timeline:
         elif e.type == "attempt_failed":
             a = _attempt(attempts.setdefault(p, {}), int(d.get("attempt", 1)))
             a.ended_at, a.error = e.at, d.get("error")
-            a.outcome = "unknown" if d.get("outcome_unknown") else "failed"
+            a.outcome = "unknown" if d.get("lost", d.get("outcome_unknown")) else "failed"
+            if a.outcome == "failed" and d.get("outcome_unknown"):
+                a.unknown_reason = "the outcome stays unknown: an earlier answer was lost"
             if (a.error or {}).get("type") == "Cancelled":
                 a.outcome = "cancelled"
         elif e.type == "outcome_unknown":
