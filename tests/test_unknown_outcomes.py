@@ -513,3 +513,74 @@ async def test_operator_commands_for_a_parked_run(tmp_path: Path, provider: Prov
         assert (await app.describe(second)).status is storno.RunStatus.COMPLETED
     shown = await asyncio.to_thread(cli, "show", first, *db, cwd=tmp_path)
     assert "compensate by maria" in shown.stdout
+
+
+async def test_verify_timeout_bounds_a_read_back_without_inheriting_attempt_timeout(
+    db_url: str, provider: Provider
+):
+    async def slow_find(ctx: storno.StepContext, amount: int) -> object:
+        await asyncio.sleep(30)
+        return storno.NOT_APPLIED
+
+    @storno.step(
+        kind="compensable",
+        retry=storno.RetryPolicy(initial_interval=0.001, maximum_attempts=2),
+        verify=slow_find,
+        attempt_timeout=30,
+        verify_timeout=0.05,
+    )
+    def charge(ctx: storno.StepContext, amount: int) -> str:
+        return provider.charge(ctx.idempotency_key, amount)
+
+    @charge.compensation
+    def refund(ctx: storno.CompensationContext[str], amount: int) -> None:
+        provider.refund(ctx.idempotency_key, ctx.forward_key)
+
+    @storno.saga
+    async def pay(ctx: storno.SagaContext, amount: int) -> str:
+        return await ctx.step(charge, amount)
+
+    provider.script = ["lost", ""]
+    async with storno.Storno(db_url, sagas=[pay]) as app, app.worker():
+        handle = await app.start(pay, 100)
+        assert (await asyncio.wait_for(handle.result(), 10)).startswith("ch-")
+        info = await handle.describe()
+    failed = [e for e in info.history if e.type == "outcome_unknown"]
+    assert failed and failed[0].data["reason"] == "read-back failed"
+    assert failed[0].data["error"]["type"] == "TimeoutError"
+    assert len(provider.charges) == 1
+
+
+async def test_a_compensation_can_ask_to_be_retried_later(db_url: str):
+    times: list[float] = []
+
+    @storno.step(
+        kind="compensable",
+        compensation_retry=storno.RetryPolicy(initial_interval=0.001, maximum_interval=1),
+    )
+    def book(ctx: storno.StepContext) -> str:
+        return "b"
+
+    @book.compensation
+    def unbook(ctx: storno.CompensationContext[str]) -> None:
+        times.append(time.monotonic())
+        if ctx.attempt == 1:
+            raise storno.RetryLater(timedelta(seconds=0.2))
+
+    @storno.step(kind="compensable", compensate=lambda ctx: None)
+    def fail(ctx: storno.StepContext) -> None:
+        raise storno.TerminalError("no")
+
+    @storno.saga
+    async def s(ctx: storno.SagaContext) -> None:
+        await ctx.step(book)
+        await ctx.step(fail)
+
+    async with storno.Storno(db_url, sagas=[s]) as app, app.worker():
+        handle = await app.start(s)
+        with pytest.raises(storno.RunCompensatedError):
+            await handle.result(timeout=10)
+        info = await handle.describe()
+    assert len(times) == 2 and times[1] - times[0] >= 0.2
+    failed = [e for e in info.history if e.type == "compensation_attempt_failed"]
+    assert failed[0].data["retry_after"] == pytest.approx(0.2)
