@@ -322,6 +322,22 @@ async def test_retry_later_is_honoured_within_the_maximum_interval(db_url: str):
     assert waits[0] == pytest.approx(0.2) and waits[1] == pytest.approx(60)
 
 
+@storno.step(kind="compensable", compensate=lambda ctx: None)
+def refused(ctx: storno.StepContext) -> None:
+    raise storno.TerminalError("no")
+
+
+def then_fail(step: storno.Step[[], str]) -> storno.Saga[[], None]:
+    """A saga that calls ``step``, then fails for good: ``step`` is compensated."""
+
+    @storno.saga(name=f"then_fail_{step.name}")
+    async def s(ctx: storno.SagaContext) -> None:
+        await ctx.step(step)
+        await ctx.step(refused)
+
+    return s
+
+
 async def test_compensation_retry_honours_non_retryable(db_url: str):
     attempts: list[int] = []
 
@@ -342,18 +358,7 @@ async def test_compensation_retry_honours_non_retryable(db_url: str):
         attempts.append(ctx.attempt)
         raise Gone("the booking system refuses for good")
 
-    @storno.step(kind="compensable")
-    def fail(ctx: storno.StepContext) -> None:
-        raise storno.TerminalError("no")
-
-    @fail.compensation
-    def nothing(ctx: storno.CompensationContext[None]) -> None:
-        pass
-
-    @storno.saga
-    async def s(ctx: storno.SagaContext) -> None:
-        await ctx.step(book)
-        await ctx.step(fail)
+    s = then_fail(book)
 
     async with storno.Storno(db_url, sagas=[s]) as app, app.worker():
         with pytest.raises(storno.CompensationFailedError):
@@ -379,18 +384,7 @@ async def test_compensation_timeout_bounds_a_compensation_attempt(db_url: str):
         if ctx.attempt == 1:
             await asyncio.sleep(30)
 
-    @storno.step(kind="compensable")
-    def fail(ctx: storno.StepContext) -> None:
-        raise storno.TerminalError("no")
-
-    @fail.compensation
-    def nothing(ctx: storno.CompensationContext[None]) -> None:
-        pass
-
-    @storno.saga
-    async def s(ctx: storno.SagaContext) -> None:
-        await ctx.step(book)
-        await ctx.step(fail)
+    s = then_fail(book)
 
     async with storno.Storno(db_url, sagas=[s]) as app, app.worker():
         with pytest.raises(storno.RunCompensatedError):
@@ -567,14 +561,7 @@ async def test_a_compensation_can_ask_to_be_retried_later(db_url: str):
         if ctx.attempt == 1:
             raise storno.RetryLater(timedelta(seconds=0.2))
 
-    @storno.step(kind="compensable", compensate=lambda ctx: None)
-    def fail(ctx: storno.StepContext) -> None:
-        raise storno.TerminalError("no")
-
-    @storno.saga
-    async def s(ctx: storno.SagaContext) -> None:
-        await ctx.step(book)
-        await ctx.step(fail)
+    s = then_fail(book)
 
     async with storno.Storno(db_url, sagas=[s]) as app, app.worker():
         handle = await app.start(s)
