@@ -17,6 +17,9 @@ from storno._errors import ConfigurationError
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "APPROVAL_WAIT",
+    "LEGACY_APPROVAL_SIGNAL",
+    "RESERVED_PREFIX",
     "TERMINAL_STATUSES",
     "Event",
     "EventType",
@@ -114,6 +117,7 @@ class EventType(enum.StrEnum):
     CANCEL_REFUSED = "cancel_refused"  # asked after the point of no return
     RUN_CANCELLED = "run_cancelled"
     OPERATOR_ACTION = "operator_action"  # retry or resolve of a dead letter, with actor and note
+    APPROVAL_IGNORED = "approval_ignored"  # an approval given before its wait began, not taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,18 @@ class MessageKind(enum.StrEnum):
     SIGNAL = "signal"  # a named signal with a JSON payload, consumed by ctx.wait_for_signal()
     CANCEL = "cancel"  # an operator asks the run to stop and compensate
     CHILD = "child"  # a child run ended; ``name`` is its run id
+    APPROVAL = "approval"  # an operator's decision, consumed by ctx.wait_for_approval() only
+
+
+RESERVED_PREFIX = "storno."
+"""Signal names starting with this are storno's own: nobody may send or wait for them."""
+
+APPROVAL_WAIT = "approval"
+"""The name under which the history records a ``ctx.wait_for_approval()`` wait, flagged
+``"approval": true`` (it is no signal: approvals are :attr:`MessageKind.APPROVAL` messages).
+Histories written before 0.x recorded it as a wait for the signal ``storno.approval``."""
+
+LEGACY_APPROVAL_SIGNAL = "storno.approval"
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from storno import __version__
 from storno._errors import ConfigurationError, RunNotFoundError
-from storno._model import RunStatus
+from storno._model import RESERVED_PREFIX, RunStatus
 from storno._plan import PLAN_SAGA
 from storno._server._auth import Principal, Role
 from storno._server._errors import ApiError
@@ -136,6 +136,23 @@ def actor(principal: Principal, by: str | None) -> str:
     if not by or by == principal.name:
         return principal.name
     return f"{by} (via {principal.name})"
+
+
+def _signal_name(value: str) -> str:
+    """A signal name a caller may send: storno's own (``storno.*``) are refused."""
+    try:
+        check_identifier(value, "signal name")
+    except ValueError as exc:
+        raise ApiError(422, "invalid_signal", str(exc)) from None
+    if value.startswith(RESERVED_PREFIX):
+        raise ApiError(
+            422,
+            "reserved_signal",
+            f"signal names starting with {RESERVED_PREFIX!r} are reserved for storno, got "
+            f"{value!r}; approvals are given by operators with POST "
+            f"/api/v1/runs/{{run_id}}/approve or /reject, never as signals or webhooks",
+        )
+    return value
 
 
 def _run_id(value: str) -> str:
@@ -354,12 +371,10 @@ async def send_signal(
     body: Annotated[SignalRequest | None, Body()] = None,
 ) -> dict[str, Any]:
     """Send a signal; it is buffered until the run waits for it. A repeated ``id`` is stored
-    once (``delivered: duplicate``). A run that has ended refuses it (409)."""
+    once (``delivered: duplicate``), even after the run ended; a run that has ended refuses
+    any other signal (409)."""
     body = body or SignalRequest()
-    try:
-        check_identifier(name, "signal name")
-    except ValueError as exc:
-        raise ApiError(422, "invalid_signal", str(exc)) from None
+    _signal_name(name)
     app = state_of(request).app
     stored = await app.signal(_run_id(run_id), name, body.data, id=body.id)
     return {
@@ -633,10 +648,10 @@ async def webhook(
         presented = auth[7:].strip()
     principal = authenticate(request, presented, Role.WEBHOOK)
     try:
-        check_identifier(signal, "signal name")
         run_id = check_identifier(run_id, "run id")
     except ValueError as exc:
         raise ApiError(422, "invalid", str(exc)) from None
+    _signal_name(signal)
     data = _webhook_data(await request.body(), request.headers.get("content-type", ""))
     raw_id = _event_id(request, data, id_field, event_id)
     message_id = None

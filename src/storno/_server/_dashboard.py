@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from storno import __version__
 from storno._errors import StornoError
-from storno._model import RunStatus
+from storno._model import MessageKind, RunStatus
 from storno._server._api import actor, state_of
 from storno._server._auth import Principal, Role
 from storno._server._errors import ApiError, from_storno
@@ -362,7 +362,7 @@ def install_dashboard(api: FastAPI) -> Any:
             {
                 "seq": m.seq,
                 "kind": m.kind.value,
-                "name": m.name,
+                "name": "" if m.kind is MessageKind.APPROVAL else m.name,
                 "id": m.message_id,
                 "sent_at": m.sent_at,
                 "meta": m.meta,

@@ -1,0 +1,82 @@
+"""The server as an attacker or a careless client would use it, over real HTTP on loopback.
+
+Approvals only operators can give (never a webhook or a signal), retried deliveries after a
+run ended, input that must be refused before anything is stored, and the smaller server
+rules: loopback host names when open, authentication before parameter checks, run ids with
+``/``, and dashboard sessions that logout revokes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_cli import cli
+from test_dashboard import signed_in
+from test_http import error_of
+from test_server_support import (
+    OPERATOR_TOKEN,
+    WEBHOOK_TOKEN,
+    serving,
+    start,
+    wait_status,
+)
+
+
+def test_only_operators_give_approvals_and_the_actor_is_recorded(db_url: str):
+    with serving(db_url) as s, s.client() as c, s.client(token=None) as provider:
+        run_id = start(c, "approval", 40)
+        wait_status(c, run_id, "waiting")
+        forged = {"approved": True, "by": "cfo-maria"}
+        hook = provider.post(
+            f"/api/v1/webhooks/{run_id}/storno.approval",
+            params={"token": WEBHOOK_TOKEN},
+            json=forged,
+        )
+        assert "reserved for storno" in error_of(hook, 422, "reserved_signal")
+        signal = c.post(f"/api/v1/runs/{run_id}/signals/storno.approval", json={"data": forged})
+        assert "approve" in error_of(signal, 422, "reserved_signal")
+        assert c.get(f"/api/v1/runs/{run_id}").json()["status"] == "waiting"
+
+        page = signed_in(s.url, OPERATOR_TOKEN).get(f"/ui/runs/{run_id}").text
+        assert "wait for approval" in page and "/approve" in page
+
+        done = c.post(f"/api/v1/runs/{run_id}/approve", json={"by": "cfo-maria", "note": "ok"})
+        assert done.status_code == 202, done.text
+        run = wait_status(c, run_id, "completed")
+        assert run["result"] == "approved by cfo-maria (via ops-alice)"
+        received = [e for e in run["history"] if e["type"] == "signal_received"]
+        assert received[0]["data"]["by"] == "cfo-maria (via ops-alice)"
+        page = signed_in(s.url, OPERATOR_TOKEN).get(f"/ui/runs/{run_id}").text
+        for shown in (str(run), page, cli("show", run_id, "--db", db_url, cwd=Path.cwd()).stdout):
+            assert "storno.approval" not in shown
+        assert "decided by cfo-maria (via ops-alice)" in page
+
+        early = start(c, "shipment")  # waits for a signal, never asked for an approval
+        wait_status(c, early, "waiting")
+        refused = c.post(f"/api/v1/runs/{early}/approve", json={})
+        assert "not waiting for an approval" in error_of(refused, 409, "run_state")
+
+
+def test_a_retried_delivery_after_the_run_ended_is_a_duplicate(db_url: str, tmp_path: Path):
+    with serving(db_url) as s, s.client() as c, s.client(token=None) as provider:
+        run_id = start(c, "shipment")
+        wait_status(c, run_id, "waiting")
+        hook = f"/api/v1/webhooks/{run_id}/label_ready"
+        headers = {"X-Storno-Token": WEBHOOK_TOKEN, "Webhook-Id": "msg_1"}
+        first = provider.post(hook, json={"url": "https://labels/1"}, headers=headers)
+        assert first.json()["delivered"] == "new", first.text
+        wait_status(c, run_id, "completed")
+        again = provider.post(hook, json={"url": "https://labels/1"}, headers=headers)
+        assert again.status_code == 202, again.text
+        assert again.json()["delivered"] == "duplicate"
+        other = provider.post(hook, json={}, headers={**headers, "Webhook-Id": "msg_2"})
+        error_of(other, 409, "run_state")
+
+        api = f"/api/v1/runs/{run_id}/signals/label_ready"
+        repeat = c.post(api, json={"data": {"url": "https://labels/1"}, "id": "msg_1"})
+        assert repeat.status_code == 202 and repeat.json()["delivered"] == "duplicate"
+        by_cli = cli(
+            "signal", run_id, "label_ready", "--id", "msg_1", "--json", "--db", db_url, cwd=tmp_path
+        )
+        assert by_cli.returncode == 0, by_cli.stderr
+        assert '"delivered": "duplicate"' in by_cli.stdout
