@@ -9,7 +9,9 @@ rules: loopback host names when open, authentication before parameter checks, ru
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from storno._serde import MAX_DEPTH
 from test_cli import cli
 from test_dashboard import signed_in
 from test_http import error_of
@@ -20,6 +22,8 @@ from test_server_support import (
     start,
     wait_status,
 )
+
+FAR = "9999-12-31T23:59:59-23:59"  # the year 10000 in UTC
 
 
 def test_only_operators_give_approvals_and_the_actor_is_recorded(db_url: str):
@@ -80,3 +84,33 @@ def test_a_retried_delivery_after_the_run_ended_is_a_duplicate(db_url: str, tmp_
         )
         assert by_cli.returncode == 0, by_cli.stderr
         assert '"delivered": "duplicate"' in by_cli.stdout
+
+
+def test_input_the_run_could_not_show_later_is_refused_before_it_is_stored(db_url: str):
+    def deep(levels: int) -> Any:
+        value: Any = 1
+        for _ in range(levels):
+            value = [value]
+        return value
+
+    with serving(db_url, worker=False) as s, s.client() as c:
+        far = c.post("/api/v1/runs", json={"saga": "shipment", "start_at": FAR})
+        assert "out of range" in error_of(far, 422, "validation_error")
+        for levels in (150, 300, 600):
+            nested = c.post("/api/v1/runs", json={"saga": "approval", "args": [deep(levels)]})
+            assert f"more than {MAX_DEPTH} levels" in error_of(nested, 422, "not_serializable")
+        plan = c.post("/api/v1/plans", json={"plan": [{"step": "send_sms", "args": [deep(300)]}]})
+        error_of(plan, 422, "not_serializable")
+        huge = c.post("/api/v1/runs", json={"saga": "shipment", "kwargs": {}, "timeout": 1e300})
+        error_of(huge, 422, "validation_error")
+        assert c.get("/api/v1/runs").json()["runs"] == []  # nothing above was stored
+
+        run_id = start(c, "shipment")
+        signal = c.post(f"/api/v1/runs/{run_id}/signals/label_ready", json={"data": deep(300)})
+        error_of(signal, 422, "not_serializable")
+        hook = c.post(f"/api/v1/webhooks/{run_id}/label_ready", json=deep(300))
+        error_of(hook, 422, "not_serializable")
+        assert c.get(f"/api/v1/runs/{run_id}").status_code == 200
+        assert c.get("/api/v1/runs").status_code == 200
+        listed = cli("list", "--json", "--db", db_url, cwd=Path.cwd())
+        assert listed.returncode == 0, listed.stderr

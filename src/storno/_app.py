@@ -40,6 +40,7 @@ from storno._model import (
     MessageKind,
     RunRecord,
     RunStatus,
+    check_time,
     seconds,
 )
 from storno._plan import PLAN_SAGA, Plan, PlanStep, parse_plan, validate_plan
@@ -325,13 +326,13 @@ class Storno:
         timeout: float | None,
         start_at: float | None = None,
     ) -> RunHandle[Any]:
-        await self.open()
-        run_id = run_id or uuid.uuid4().hex
+        run_id = _check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         now = self.clock.now()
-        if start_at is not None and start_at <= now:
+        if start_at is not None and check_time(start_at, "start_at") <= now:
             start_at = None
         begins = start_at or now
-        deadline = begins + timeout if timeout else None
+        deadline = check_time(begins + timeout, "the deadline") if timeout else None
+        await self.open()
         data: dict[str, Any] = {"saga": saga.name}
         if saga.early_approvals:
             data["early_approvals"] = True  # read by approve() in any process, and the waits
@@ -603,6 +604,18 @@ class Storno:
             known = ", ".join(sorted(state)) or "none yet"
             raise LookupError(f"run {run_id} has published no value {name!r} (published: {known})")
         return state[name]
+
+
+def _check_run_id(run_id: str) -> str:
+    """A run id every store and reader takes: 1 to 200 characters, none of them control
+    characters (a NUL cannot be stored in PostgreSQL) or lone surrogates."""
+    if not run_id or len(run_id) > 200:
+        raise ConfigurationError(f"run_id must be 1 to 200 characters, got {len(run_id)}")
+    if any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in run_id):
+        raise ConfigurationError(
+            f"run_id {run_id!r} holds control characters or invalid Unicode; use printable text"
+        )
+    return run_id
 
 
 class RunHandle(Generic[R]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,8 +41,8 @@ class Approval:
 
 def _seconds(duration: float | timedelta, what: str) -> float:
     value = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
-    if value < 0:
-        raise ConfigurationError(f"{what} must not be negative, got {duration!r}")
+    if not value >= 0 or not math.isfinite(value):
+        raise ConfigurationError(f"{what} must be a finite duration of 0 or more, got {duration!r}")
     return value
 
 

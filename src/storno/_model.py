@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import random
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from storno._errors import ConfigurationError
@@ -30,6 +31,7 @@ __all__ = [
     "RunRecord",
     "RunStatus",
     "StepKind",
+    "check_time",
     "compensation_key",
     "forward_key",
     "seconds",
@@ -211,9 +213,27 @@ def seconds(value: float | timedelta | None, what: str) -> float | None:
     if value is None:
         return None
     result = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if result <= 0:
-        raise ConfigurationError(f"{what} must be positive, got {value!r}")
+    if not result > 0 or not math.isfinite(result):
+        raise ConfigurationError(f"{what} must be positive and finite, got {value!r}")
     return result
+
+
+def check_time(at: float, what: str) -> float:
+    """``at`` (seconds since 1970) if it is a date every reader can show, else refused.
+
+    A time past the year 9999 (a ``start_at`` in a far time zone, a deadline or a wait's
+    timeout of 1e300 seconds) would be stored, then break every page that shows the run.
+    """
+    try:
+        if math.isfinite(at):
+            datetime.fromtimestamp(at, UTC)
+            return at
+    except (OverflowError, OSError, ValueError):
+        pass
+    raise ConfigurationError(
+        f"{what} is out of range ({at!r} seconds since 1970): storno keeps times between the "
+        f"years 1 and 9999 UTC"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from storno._model import (
     MessageKind,
     RunStatus,
     StepKind,
+    check_time,
 )
 from storno._serde import decode
 from storno._store import NewRun
@@ -139,7 +140,7 @@ async def sleep_until(x: RunExecution, wake_at: float) -> None:
     if wait.status == "done":
         return
     if new:
-        wait.until = wake_at
+        wait.until = check_time(wake_at, "the end of ctx.sleep()")
         x.append(EventType.TIMER_STARTED, position, {"until": wake_at})
     assert wait.until is not None
     if x.host.clock.now() >= wait.until:
@@ -164,7 +165,7 @@ async def wait_signal(
         return _timed_out(name, has_default, default)
     now = x.host.clock.now()
     if new:
-        wait.until = None if timeout is None else now + timeout
+        wait.until = None if timeout is None else check_time(now + timeout, "the wait's timeout")
         data = {"name": name, "until": wait.until}
         x.append(EventType.SIGNAL_WAIT_STARTED, position, data)
     await refresh_inbox(x)
@@ -208,7 +209,7 @@ async def wait_approval(x: RunExecution, timeout: float | None, early: bool | No
             x.inbox.append(message)
             x.inbox_seen = max(x.inbox_seen, message.seq)
         x.inbox_latest = max(x.inbox_latest, x.inbox_seen)
-        wait.until = None if timeout is None else now + timeout
+        wait.until = None if timeout is None else check_time(now + timeout, "the wait's timeout")
         data = {"name": APPROVAL_WAIT, "until": wait.until, "approval": True}
         data.update(early=early, after=x.inbox_seen)
         x.append(EventType.SIGNAL_WAIT_STARTED, position, data)
