@@ -11,9 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from storno._serde import MAX_DEPTH
+from storno._server import TokenStore
+from storno._server._dashboard import COOKIE
 from test_cli import cli
-from test_dashboard import signed_in
+from test_dashboard import csrf_of, signed_in
 from test_http import error_of
 from test_server_support import (
     OPERATOR_TOKEN,
@@ -114,3 +118,63 @@ def test_input_the_run_could_not_show_later_is_refused_before_it_is_stored(db_ur
         assert c.get("/api/v1/runs").status_code == 200
         listed = cli("list", "--json", "--db", db_url, cwd=Path.cwd())
         assert listed.returncode == 0, listed.stderr
+
+
+def test_open_mode_answers_only_to_loopback_host_names(db_url: str):
+    open_store = TokenStore(open=True)
+    with serving(db_url, token_store=open_store, worker=False) as s, s.client(token=None) as c:
+        assert c.get("/api/v1/runs").status_code == 200
+        for host in ("localhost", "localhost:8080", "127.0.0.1:9", "[::1]:80"):
+            assert c.get("/api/v1/runs", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example", ""):
+            rebound = c.get("/api/v1/runs", headers={"host": host})
+            assert "loopback" in error_of(rebound, 403, "forbidden_host"), host
+        posted = c.post("/ui/runs/x/cancel", data={"reason": "x"}, headers={"host": "evil.example"})
+        assert posted.status_code == 403
+    with serving(db_url, worker=False) as s, s.client() as c:  # with tokens: any host name
+        assert c.get("/api/v1/runs", headers={"host": "storno.example"}).status_code == 200
+
+
+def test_anonymous_requests_learn_no_parameter_names(db_url: str):
+    with serving(db_url, worker=False) as s, s.client(token=None) as anonymous:
+        for params in ({"stauts": "waiting"}, {"limit": "many"}):
+            response = anonymous.get("/api/v1/runs", params=params)
+            message = error_of(response, 401, "unauthorized")
+            assert "created_after" not in message and "limit" not in message
+        hook = anonymous.post("/api/v1/webhooks/r/s", params={"colour": "red"}, json={})
+        error_of(hook, 401, "unauthorized")
+        typo = anonymous.get("/api/v1/health", params={"verbose": "1"})
+        error_of(typo, 422, "unknown_parameter")  # health needs no token, so it says so
+
+
+def test_run_ids_with_a_slash_are_readable_with_the_slash_encoded(db_url: str):
+    with serving(db_url) as s, s.client() as c:
+        for run_id in ("rs/state", "a/state/b", "x/approve", "p/3"):
+            assert start(c, "shipment", run_id=run_id) == run_id
+            encoded = run_id.replace("/", "%2F")
+            wait_status(c, encoded, "waiting")
+            shown = c.get(f"/api/v1/runs/{encoded}")
+            assert shown.status_code == 200 and shown.json()["id"] == run_id, shown.text
+            state = c.get(f"/api/v1/runs/{encoded}/state")
+            assert state.json() == {"run_id": run_id, "name": None, "value": {}}, state.text
+            sent = c.post(f"/api/v1/runs/{encoded}/signals/label_ready", json={"data": run_id})
+            assert sent.status_code == 202 and sent.json()["run_id"] == run_id, sent.text
+            assert wait_status(c, encoded, "completed")["result"] == run_id
+        assert c.get("/api/v1/runs/p/3").json()["id"] == "p/3"  # unambiguous: as it is
+        error_of(c.get("/api/v1/runs/rs%2Fnothing"), 404, "run_not_found")
+
+
+def test_logout_revokes_the_dashboard_session(db_url: str):
+    with serving(db_url, worker=False) as s:
+        browser = signed_in(s.url, OPERATOR_TOKEN)
+        cookie = browser.cookies.get(COOKIE, path="/ui")
+        assert cookie and OPERATOR_TOKEN not in cookie
+        assert OPERATOR_TOKEN not in str(browser.cookies.jar)
+        assert browser.get("/ui/").status_code == 200
+        page = browser.get("/ui/").text
+        out = browser.post("/ui/logout", data={"csrf": csrf_of(page)})
+        assert out.status_code == 303
+        stolen = httpx.Client(base_url=s.url, timeout=10, cookies={COOKIE: cookie})
+        assert stolen.get("/ui/").status_code == 303  # to the login page: the session is gone
+        forged = httpx.Client(base_url=s.url, timeout=10, cookies={COOKIE: OPERATOR_TOKEN})
+        assert forged.get("/ui/").status_code == 303  # the raw token is no session either

@@ -24,6 +24,7 @@ from storno._model import RESERVED_PREFIX, RunStatus
 from storno._plan import PLAN_SAGA
 from storno._server._auth import Principal, Role
 from storno._server._errors import ApiError
+from storno._server._guards import run_id_of
 from storno._server._models import (
     ActionResult,
     ApproveRequest,
@@ -86,9 +87,7 @@ _STARTED: dict[int | str, dict[str, Any]] = {
     200: {"model": StartResult, "description": "The run id existed: that run, unchanged"},
     **_err(401, 403, 409),
 }
-router = APIRouter(
-    prefix="/api/v1", responses=_err(400, 413, 422), dependencies=[Depends(known_query)]
-)
+router = APIRouter(prefix="/api/v1", responses=_err(400, 413, 422))
 
 
 def state_of(request: Request) -> ServerState:
@@ -122,7 +121,11 @@ def _role(wanted: Role) -> Callable[..., Awaitable[Principal]]:
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
-        return authenticate(request, credentials.credentials if credentials else None, wanted)
+        token = credentials.credentials if credentials else None
+        principal = authenticate(request, token, wanted)
+        # Only once the caller is known: an anonymous request must not learn parameter names.
+        await known_query(request)
+        return principal
 
     return dependency
 
@@ -157,7 +160,7 @@ def _signal_name(value: str) -> str:
 
 def _run_id(value: str) -> str:
     try:
-        return check_identifier(value, "run id")
+        return check_identifier(run_id_of(value), "run id")
     except ValueError as exc:
         raise ApiError(422, "invalid_run_id", str(exc)) from None
 
@@ -192,7 +195,7 @@ def _ts(value: datetime | None) -> float | None:
 # --- health and runs -----------------------------------------------------------------------
 
 
-@router.get("/health", response_model=Health, tags=["health"])
+@router.get("/health", response_model=Health, tags=["health"], dependencies=[Depends(known_query)])
 async def health(request: Request) -> dict[str, Any]:
     """Liveness and store reachability; needs no token."""
     await state_of(request).app.list_runs(limit=1)
@@ -328,9 +331,9 @@ async def start_plan(
 )
 async def query_one(request: Request, principal: Reader, run_id: str, name: str) -> dict[str, Any]:
     """One value the run published with ``ctx.publish()``."""
-    app = state_of(request).app
+    app, run_id = state_of(request).app, _run_id(run_id)
     try:
-        value = await app.query(_run_id(run_id), name)
+        value = await app.query(run_id, name)
     except RunNotFoundError:
         raise
     except LookupError as exc:
@@ -346,7 +349,8 @@ async def query_one(request: Request, principal: Reader, run_id: str, name: str)
 )
 async def query_all(request: Request, principal: Reader, run_id: str) -> dict[str, Any]:
     """All values the run published with ``ctx.publish()``."""
-    value = await state_of(request).app.query(_run_id(run_id))
+    run_id = _run_id(run_id)
+    value = await state_of(request).app.query(run_id)
     return {"run_id": run_id, "name": None, "value": value}
 
 
@@ -375,8 +379,8 @@ async def send_signal(
     any other signal (409)."""
     body = body or SignalRequest()
     _signal_name(name)
-    app = state_of(request).app
-    stored = await app.signal(_run_id(run_id), name, body.data, id=body.id)
+    app, run_id = state_of(request).app, _run_id(run_id)
+    stored = await app.signal(run_id, name, body.data, id=body.id)
     return {
         "run_id": run_id,
         "signal": name,
@@ -400,8 +404,8 @@ async def approve(
 ) -> dict[str, Any]:
     """Approve a run waiting in ``ctx.wait_for_approval()``."""
     body = body or ApproveRequest()
-    server, who = state_of(request), actor(principal, body.by)
-    await server.app.approve(_run_id(run_id), by=who, note=body.note)
+    server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
+    await server.app.approve(run_id, by=who, note=body.note)
     return await _after(server, run_id, "approve", who)
 
 
@@ -416,8 +420,8 @@ async def reject(
     request: Request, principal: Operator, run_id: str, body: RejectRequest
 ) -> dict[str, Any]:
     """Reject a run waiting for approval; it compensates unless its code handles that."""
-    server, who = state_of(request), actor(principal, body.by)
-    await server.app.reject(_run_id(run_id), by=who, reason=body.reason)
+    server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
+    await server.app.reject(run_id, by=who, reason=body.reason)
     return await _after(server, run_id, "reject", who)
 
 
@@ -433,8 +437,8 @@ async def cancel(
 ) -> dict[str, Any]:
     """Cancel a run: its completed steps are compensated and it ends ``cancelled``. Refused
     (409) after its point of no return or once it has ended."""
-    server, who = state_of(request), actor(principal, body.by)
-    await server.app.cancel(_run_id(run_id), by=who, reason=body.reason)
+    server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
+    await server.app.cancel(run_id, by=who, reason=body.reason)
     return await _after(server, run_id, "cancel", who)
 
 
@@ -453,8 +457,8 @@ async def retry(
 ) -> dict[str, Any]:
     """Retry a dead letter's compensation where it failed, with the same keys."""
     body = body or RetryRequest()
-    server, who = state_of(request), actor(principal, body.by)
-    await server.app.retry(_run_id(run_id), by=who, note=body.note)
+    server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
+    await server.app.retry(run_id, by=who, note=body.note)
     return await _after(server, run_id, "retry", who)
 
 
@@ -468,8 +472,8 @@ async def resolve(
     request: Request, principal: Operator, run_id: str, body: ResolveRequest
 ) -> dict[str, Any]:
     """Mark a dead letter compensated by hand; the note says what was done."""
-    server, who = state_of(request), actor(principal, body.by)
-    await server.app.resolve(_run_id(run_id), by=who, note=body.note)
+    server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
+    await server.app.resolve(run_id, by=who, note=body.note)
     return await _after(server, run_id, "resolve", who)
 
 
@@ -544,9 +548,7 @@ async def stats(request: Request, principal: Reader) -> dict[str, Any]:
 
 # --- webhooks ------------------------------------------------------------------------------
 
-webhook_router = APIRouter(
-    prefix="/api/v1", responses=_err(400, 413, 422), dependencies=[Depends(known_query)]
-)
+webhook_router = APIRouter(prefix="/api/v1", responses=_err(400, 413, 422))
 
 EVENT_ID_HEADERS = (
     "idempotency-key",
@@ -647,8 +649,9 @@ async def webhook(
     if not presented and auth[:7].lower() == "bearer ":
         presented = auth[7:].strip()
     principal = authenticate(request, presented, Role.WEBHOOK)
+    await known_query(request)
     try:
-        run_id = check_identifier(run_id, "run id")
+        run_id = check_identifier(run_id_of(run_id), "run id")
     except ValueError as exc:
         raise ApiError(422, "invalid", str(exc)) from None
     _signal_name(signal)
