@@ -194,7 +194,7 @@ async def test_approval_and_rejection_are_in_the_history(db_url: str) -> None:
         assert await app.query(yes.run_id) == {"phase": "approved"}
         history = (await app.describe(no.run_id)).history
     decision = next(e for e in history if e.type == "signal_received")
-    assert decision.data["name"] == "storno.approval"
+    assert decision.data["approval"] is True and decision.data["by"] == "bob"
     assert "release refund 20" in LEDGER and "release refund 10" not in LEDGER
 
 
@@ -254,7 +254,7 @@ async def test_changed_code_at_a_wait_position_parks_the_run(db_url: str) -> Non
 
 
 async def test_plain_function_sagas_wait_too(db_url: str) -> None:
-    @storno.saga
+    @storno.saga(early_approvals=True)  # the approval below is given before the run asks
     def sync_flow(ctx: storno.SyncSagaContext) -> str:
         ctx.step(note, "one")
         ctx.sleep(0.05)
@@ -296,7 +296,7 @@ async def test_a_three_day_approval_timeout_runs_in_virtual_time(db_url: str) ->
         await asyncio.sleep(0.05)
         assert await handle.status() is storno.RunStatus.WAITING  # not yet
         await advance(app, timedelta(hours=2))
-        with pytest.raises(storno.RunCompensatedError, match="no signal 'storno.approval'"):
+        with pytest.raises(storno.RunCompensatedError, match="no approval came before"):
             await handle.result(timeout=5)
     assert time.monotonic() - started < 5  # three days in well under a second or two
     assert "release refund 30" in LEDGER

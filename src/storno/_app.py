@@ -15,7 +15,6 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from storno import _operator
 from storno._clock import Clock, SystemClock
-from storno._context import APPROVAL_SIGNAL
 from storno._definitions import Saga, Step
 from storno._engine import Birth
 from storno._errors import (
@@ -33,6 +32,8 @@ from storno._errors import (
 )
 from storno._history import fold
 from storno._model import (
+    APPROVAL_WAIT,
+    RESERVED_PREFIX,
     Event,
     EventType,
     InboxMessage,
@@ -40,6 +41,7 @@ from storno._model import (
     MessageKind,
     RunRecord,
     RunStatus,
+    check_time,
     seconds,
 )
 from storno._plan import PLAN_SAGA, Plan, PlanStep, parse_plan, validate_plan
@@ -325,14 +327,16 @@ class Storno:
         timeout: float | None,
         start_at: float | None = None,
     ) -> RunHandle[Any]:
-        await self.open()
-        run_id = run_id or uuid.uuid4().hex
+        run_id = _check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         now = self.clock.now()
-        if start_at is not None and start_at <= now:
+        if start_at is not None and check_time(start_at, "start_at") <= now:
             start_at = None
         begins = start_at or now
-        deadline = begins + timeout if timeout else None
+        deadline = check_time(begins + timeout, "the deadline") if timeout else None
+        await self.open()
         data: dict[str, Any] = {"saga": saga.name}
+        if saga.early_approvals:
+            data["early_approvals"] = True  # read by approve() in any process, and the waits
         if start_at is not None:
             data["start_at"] = start_at
         event = Event(0, EventType.RUN_CREATED, now, None, data, text)
@@ -433,9 +437,12 @@ class Storno:
         if delivery is None:
             raise RunNotFoundError(run_id)
         if delivery.seq == 0:
+            what = f"{message.kind.value} {message.name!r}"
+            if message.kind is MessageKind.APPROVAL:
+                what = "decision"
             raise RunStateError(
-                f"run {run_id} has already ended ({delivery.status.value}); "
-                f"the {message.kind.value} {message.name!r} was not stored"
+                f"run {run_id} has already ended ({delivery.status.value}); the {what} was not "
+                f"stored"
             )
         if not delivery.duplicate:
             self.wake_workers()
@@ -450,19 +457,71 @@ class Storno:
         """
         if not name:
             raise ConfigurationError("a signal needs a name")
+        if name.startswith(RESERVED_PREFIX):
+            raise ConfigurationError(
+                f"signal names starting with {RESERVED_PREFIX!r} are reserved for storno, got "
+                f"{name!r}; approvals are given with approve() / reject() (operators only)"
+            )
         payload = encode(data, what=f"data of signal {name!r}", limit=self.max_payload_bytes)
         message = InboxMessage(MessageKind.SIGNAL, name, payload, id, {"sent_by": "api"})
         return await self._deliver(run_id, message)
 
     async def approve(self, run_id: str, *, by: str, note: str | None = None) -> bool:
-        """Approve a run waiting in ``ctx.wait_for_approval()``; ``by`` names the person."""
-        decision = {"approved": True, "by": by, "note": note}
-        return await self.signal(run_id, APPROVAL_SIGNAL, decision)
+        """Approve a run waiting in ``ctx.wait_for_approval()``; ``by`` names the operator.
+
+        Refused with :class:`storno.RunStateError` if the run does not wait for a decision
+        (unless its saga declares ``early_approvals``) or one is already on its way.
+        """
+        return await self._decide(run_id, {"approved": True, "by": by, "note": note})
 
     async def reject(self, run_id: str, *, by: str, reason: str) -> bool:
         """Reject a run waiting for approval; it compensates unless its code catches that."""
-        decision = {"approved": False, "by": by, "note": reason}
-        return await self.signal(run_id, APPROVAL_SIGNAL, decision)
+        return await self._decide(run_id, {"approved": False, "by": by, "note": reason})
+
+    async def _decide(self, run_id: str, decision: dict[str, Any]) -> bool:
+        """Send an operator's decision as an approval message, never as a signal."""
+        what = "approval" if decision["approved"] else "rejection"
+        if not decision["by"]:
+            raise ConfigurationError(f"an {what} needs the name of who gives it (by=)")
+        await self.open()
+        record = await self.store.get_run(run_id)
+        if record is None:
+            raise RunNotFoundError(run_id)
+        if record.status in ENDED:
+            raise RunStateError(
+                f"run {run_id} has already ended ({record.status.value}); the {what} was not stored"
+            )
+        history = await self.store.history(run_id)
+        recorded = fold(history)
+        open_wait = any(
+            w.kind == "approval" and w.status == "waiting" for w in recorded.waits.values()
+        )
+        early = bool(history and history[0].data.get("early_approvals"))
+        if not open_wait and not early:
+            raise RunStateError(
+                f"run {run_id} is not waiting for an approval ({record.status.value}); an "
+                f"{what} given before the run asks for one is refused, so that an early click "
+                f"cannot decide a request that was not made yet. Give it once the run waits "
+                f"for approval, or declare the saga with @storno.saga(early_approvals=True)"
+            )
+        ignored = {
+            e.data.get("ignored_seq") for e in history if e.type is EventType.APPROVAL_IGNORED
+        }
+        for message in await self.store.inbox(run_id):
+            if (
+                message.kind is MessageKind.APPROVAL
+                and message.seq not in recorded.consumed
+                and message.seq not in ignored
+            ):
+                raise RunStateError(
+                    f"run {run_id} already has a decision on its way (given by "
+                    f"{message.meta.get('by')}); the {what} was not stored"
+                )
+        payload = encode(decision, what=what, limit=self.max_payload_bytes)
+        meta = {"by": decision["by"]}
+        return await self._deliver(
+            run_id, InboxMessage(MessageKind.APPROVAL, APPROVAL_WAIT, payload, None, meta)
+        )
 
     async def cancel(self, run_id: str, *, by: str, reason: str) -> None:
         """Cancel a run: its completed steps are compensated and it ends ``cancelled``.
@@ -548,6 +607,18 @@ class Storno:
             known = ", ".join(sorted(state)) or "none yet"
             raise LookupError(f"run {run_id} has published no value {name!r} (published: {known})")
         return state[name]
+
+
+def _check_run_id(run_id: str) -> str:
+    """A run id every store and reader takes: 1 to 200 characters, none of them control
+    characters (a NUL cannot be stored in PostgreSQL) or lone surrogates."""
+    if not run_id or len(run_id) > 200:
+        raise ConfigurationError(f"run_id must be 1 to 200 characters, got {len(run_id)}")
+    if any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in run_id):
+        raise ConfigurationError(
+            f"run_id {run_id!r} holds control characters or invalid Unicode; use printable text"
+        )
+    return run_id
 
 
 class RunHandle(Generic[R]):

@@ -96,12 +96,18 @@ def _notes(history: list[HistoryEvent]) -> tuple[dict[int, list[str]], dict[int,
     return forward, back
 
 
+def _awaited(e: HistoryEvent) -> str:
+    """What a signal wait's event is about: an operator's approval, or a named signal."""
+    return "approval" if e.data.get("approval") else f"signal {e.data['name']!r}"
+
+
 _WAIT_NOTES: dict[str, Callable[[HistoryEvent], str]] = {
     "timer_started": lambda e: f"sleep until {_ts(e.data['until'])} UTC",
     "timer_fired": lambda e: "timer fired",
-    "signal_wait_started": lambda e: f"wait for signal {e.data['name']!r}",
-    "signal_received": lambda e: f"signal {e.data['name']!r} received: {_short(e.value)}",
-    "signal_timed_out": lambda e: f"signal {e.data['name']!r} timed out",
+    "signal_wait_started": lambda e: f"wait for {_awaited(e)}",
+    "signal_received": lambda e: f"{_awaited(e)} received: {_short(e.value)}",
+    "signal_timed_out": lambda e: f"{_awaited(e)} timed out",
+    "approval_ignored": lambda e: f"approval by {e.data.get('by')} ignored: given before the wait",
     "cancel_requested": lambda e: f"cancel by {e.data.get('by')}: {e.data.get('reason')}",
     "cancel_refused": lambda e: f"cancel by {e.data.get('by')} refused (past the pivot)",
     "operator_action": lambda e: (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,14 +22,11 @@ from storno._errors import ApprovalRejectedError, ConfigurationError
 if TYPE_CHECKING:
     from storno._engine import RunExecution
 
-__all__ = ["APPROVAL_SIGNAL", "Approval", "SagaContext", "SyncSagaContext"]
+__all__ = ["Approval", "SagaContext", "SyncSagaContext"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
-
-APPROVAL_SIGNAL = "storno.approval"
-"""The signal that ``approve``/``reject`` send and ``ctx.wait_for_approval()`` waits for."""
 
 _MISSING: Any = object()
 
@@ -43,8 +41,8 @@ class Approval:
 
 def _seconds(duration: float | timedelta, what: str) -> float:
     value = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
-    if value < 0:
-        raise ConfigurationError(f"{what} must not be negative, got {duration!r}")
+    if not value >= 0 or not math.isfinite(value):
+        raise ConfigurationError(f"{what} must be a finite duration of 0 or more, got {duration!r}")
     return value
 
 
@@ -121,14 +119,19 @@ class SagaContext:
         limit = None if timeout is None else _seconds(timeout, "timeout")
         return await _waits.wait_signal(self._x, name, limit, default is not _MISSING, default)
 
-    async def wait_for_approval(self, *, timeout: float | timedelta | None = None) -> Approval:
-        """Wait durably for a person's decision (``storno approve`` / ``storno reject``).
+    async def wait_for_approval(
+        self, *, timeout: float | timedelta | None = None, early: bool | None = None
+    ) -> Approval:
+        """Wait durably for an operator's decision (``storno approve`` / ``storno reject``,
+        the API or the dashboard: never a signal or webhook).
 
         Returns who approved; a rejection raises :class:`storno.ApprovalRejectedError`, which
-        compensates the run unless the body catches it.
+        compensates the run unless the body catches it. After ``timeout`` it raises
+        :class:`storno.SignalTimeoutError`. A decision given before this wait began is not
+        taken unless ``early=True`` (default: the saga's ``early_approvals``).
         """
-        data = await self.wait_for_signal(APPROVAL_SIGNAL, timeout=timeout)
-        return _decide(data)
+        limit = None if timeout is None else _seconds(timeout, "timeout")
+        return _decide(await _waits.wait_approval(self._x, limit, early))
 
     def publish(self, name: str, value: Any) -> None:
         """Publish a small named value (e.g. ``phase``) that anyone can query while it runs."""
@@ -199,9 +202,13 @@ class SyncSagaContext:
             lambda: self._async.wait_for_signal(name, timeout=timeout, default=default)
         )
 
-    def wait_for_approval(self, *, timeout: float | timedelta | None = None) -> Approval:
-        """Wait durably for a person's decision."""
-        result: Approval = self._sync(lambda: self._async.wait_for_approval(timeout=timeout))
+    def wait_for_approval(
+        self, *, timeout: float | timedelta | None = None, early: bool | None = None
+    ) -> Approval:
+        """Wait durably for an operator's decision (see :meth:`SagaContext.wait_for_approval`)."""
+        result: Approval = self._sync(
+            lambda: self._async.wait_for_approval(timeout=timeout, early=early)
+        )
         return result
 
     def publish(self, name: str, value: Any) -> None:

@@ -409,6 +409,7 @@ class Saga(Generic[P, R]):
         run_id: str | None = None,
         stuck_after: float | None = None,
         max_concurrent: int | None = None,
+        early_approvals: bool = False,
     ) -> None:
         if max_concurrent is not None and max_concurrent < 1:
             raise ConfigurationError(
@@ -417,6 +418,7 @@ class Saga(Generic[P, R]):
             )
         self.fn = fn
         self.max_concurrent = max_concurrent
+        self.early_approvals = early_approvals
         self.name = name
         self.timeout = timeout
         self.run_id = run_id
@@ -489,6 +491,7 @@ def saga(
     timeout: float | timedelta | None = ...,
     stuck_after: float | timedelta | None = ...,
     max_concurrent: int | None = ...,
+    early_approvals: bool = ...,
 ) -> _SagaDecorator: ...
 
 
@@ -499,18 +502,22 @@ def saga(
     timeout: float | timedelta | None = None,
     stuck_after: float | timedelta | None = None,
     max_concurrent: int | None = None,
+    early_approvals: bool = False,
 ) -> Any:
     """Declare a saga: ``async def f(ctx: SagaContext, ...)`` or ``def f(ctx: SyncSagaContext,
     ...)``. ``timeout`` is the default deadline of each run, from its start. ``stuck_after``:
     a run that has not ended and made no progress for this long is flagged as stuck by
     ``storno stuck``, the dashboard and the metrics (default one hour). ``max_concurrent``:
     at most this many runs of the saga execute at once across all workers sharing the
-    database (waiting runs do not count)."""
+    database (waiting runs do not count). ``early_approvals``: ``approve()``/``reject()``
+    may come before the run waits for the decision (else they are refused), and its
+    ``ctx.wait_for_approval()`` calls take such a decision unless they pass ``early=False``."""
     decorator = _SagaDecorator(
         name=name,
         timeout=seconds(timeout, "timeout"),
         stuck_after=seconds(stuck_after, "stuck_after"),
         max_concurrent=max_concurrent,
+        early_approvals=early_approvals,
     )
     return decorator(fn) if fn is not None else decorator
 
@@ -521,6 +528,7 @@ class _SagaDecorator:
     timeout: float | None
     stuck_after: float | None = None
     max_concurrent: int | None = None
+    early_approvals: bool = False
 
     @overload
     def __call__(
@@ -538,4 +546,5 @@ class _SagaDecorator:
             timeout=self.timeout,
             stuck_after=self.stuck_after,
             max_concurrent=self.max_concurrent,
+            early_approvals=self.early_approvals,
         )

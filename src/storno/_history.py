@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from storno._model import Event, EventType, StepKind
+from storno._model import LEGACY_APPROVAL_SIGNAL, Event, EventType, StepKind
 
 __all__ = ["CompensationState", "Fold", "StepState", "WaitState", "fold"]
 
@@ -65,7 +65,7 @@ class WaitState:
     """A durable wait at one position: a timer (``sleep``) or a signal wait."""
 
     position: int
-    kind: str  # sleep | signal
+    kind: str  # sleep | signal | approval
     name: str  # the signal's name; "" for a timer
     until: float | None  # when the timer fires or the signal wait times out
     status: str = "waiting"  # waiting | done | timed_out
@@ -94,7 +94,11 @@ class Fold:
             return f"ctx.{self.values[position][0]}()"
         if position in self.waits:
             wait = self.waits[position]
-            return "ctx.sleep()" if wait.kind == "sleep" else f"a wait for signal {wait.name!r}"
+            if wait.kind == "sleep":
+                return "ctx.sleep()"
+            if wait.kind == "approval":
+                return "ctx.wait_for_approval()"
+            return f"a wait for signal {wait.name!r}"
         return None
 
     @property
@@ -233,7 +237,9 @@ def _fold_wait(out: Fold, event: Event) -> None:
         out.waits[p] = WaitState(p, "sleep", "", d["until"], started_at=event.at)
         return
     if t is EventType.SIGNAL_WAIT_STARTED:
-        out.waits[p] = WaitState(p, "signal", d["name"], d.get("until"), started_at=event.at)
+        approval = bool(d.get("approval")) or d["name"] == LEGACY_APPROVAL_SIGNAL
+        kind = "approval" if approval else "signal"
+        out.waits[p] = WaitState(p, kind, d["name"], d.get("until"), started_at=event.at)
         return
     wait = out.waits.get(p)
     if wait is None:

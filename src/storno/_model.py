@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import random
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from storno._errors import ConfigurationError
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "APPROVAL_WAIT",
+    "LEGACY_APPROVAL_SIGNAL",
+    "RESERVED_PREFIX",
     "TERMINAL_STATUSES",
     "Event",
     "EventType",
@@ -27,6 +31,7 @@ __all__ = [
     "RunRecord",
     "RunStatus",
     "StepKind",
+    "check_time",
     "compensation_key",
     "forward_key",
     "seconds",
@@ -114,6 +119,7 @@ class EventType(enum.StrEnum):
     CANCEL_REFUSED = "cancel_refused"  # asked after the point of no return
     RUN_CANCELLED = "run_cancelled"
     OPERATOR_ACTION = "operator_action"  # retry or resolve of a dead letter, with actor and note
+    APPROVAL_IGNORED = "approval_ignored"  # an approval given before its wait began, not taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +145,18 @@ class MessageKind(enum.StrEnum):
     SIGNAL = "signal"  # a named signal with a JSON payload, consumed by ctx.wait_for_signal()
     CANCEL = "cancel"  # an operator asks the run to stop and compensate
     CHILD = "child"  # a child run ended; ``name`` is its run id
+    APPROVAL = "approval"  # an operator's decision, consumed by ctx.wait_for_approval() only
+
+
+RESERVED_PREFIX = "storno."
+"""Signal names starting with this are storno's own: nobody may send or wait for them."""
+
+APPROVAL_WAIT = "approval"
+"""The name under which the history records a ``ctx.wait_for_approval()`` wait, flagged
+``"approval": true`` (it is no signal: approvals are :attr:`MessageKind.APPROVAL` messages).
+Histories written before 0.x recorded it as a wait for the signal ``storno.approval``."""
+
+LEGACY_APPROVAL_SIGNAL = "storno.approval"
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,9 +213,27 @@ def seconds(value: float | timedelta | None, what: str) -> float | None:
     if value is None:
         return None
     result = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if result <= 0:
-        raise ConfigurationError(f"{what} must be positive, got {value!r}")
+    if not result > 0 or not math.isfinite(result):
+        raise ConfigurationError(f"{what} must be positive and finite, got {value!r}")
     return result
+
+
+def check_time(at: float, what: str) -> float:
+    """``at`` (seconds since 1970) if it is a date every reader can show, else refused.
+
+    A time past the year 9999 (a ``start_at`` in a far time zone, a deadline or a wait's
+    timeout of 1e300 seconds) would be stored, then break every page that shows the run.
+    """
+    try:
+        if math.isfinite(at):
+            datetime.fromtimestamp(at, UTC)
+            return at
+    except (OverflowError, OSError, ValueError):
+        pass
+    raise ConfigurationError(
+        f"{what} is out of range ({at!r} seconds since 1970): storno keeps times between the "
+        f"years 1 and 9999 UTC"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import json
 import math
+import re
 import sys
 import threading
 import uuid
@@ -25,9 +26,13 @@ from typing import Any
 
 from storno._errors import PayloadTooLargeError, SerializationError
 
-__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "TYPE_KEY", "decode", "describe", "encode"]
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "MAX_DEPTH", "TYPE_KEY", "decode", "describe", "encode"]
 
 DEFAULT_MAX_PAYLOAD_BYTES: int = 2 * 1024 * 1024
+MAX_DEPTH = 100
+"""How deeply lists and objects may nest in a stored value: every reader (the API, the
+dashboard, ``storno show --json``) must still be able to parse and render it, with room for
+the run around it."""
 TYPE_KEY = "__storno_type__"
 
 _MARK = f'"{TYPE_KEY}":'
@@ -165,7 +170,28 @@ def encode(value: object, *, what: str, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) 
             raise SerializationError(f"{what} holds text that is not valid Unicode") from None
     if size > limit:
         raise PayloadTooLargeError(what, size, limit)
+    # Counting brackets is cheap; only text with many of them is measured properly.
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(text) > MAX_DEPTH:
+        raise SerializationError(
+            f"{what} is nested more than {MAX_DEPTH} levels deep, which storno cannot show "
+            f"again; flatten it, or store it elsewhere and pass a reference"
+        )
     return text
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"\[\]|\{\}")
+
+
+def _depth(text: str) -> int:
+    """How deeply JSON text nests (up to MAX_DEPTH + 1): each pass drops the innermost pairs."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    for level in range(MAX_DEPTH + 1):
+        if not brackets:
+            return level
+        brackets = _INNERMOST.sub("", brackets)
+    return MAX_DEPTH + 1
 
 
 def _slow(value: object, what: str) -> str:

@@ -17,17 +17,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from storno._definitions import Saga
 from storno._errors import (
     ChildFailedError,
+    ConfigurationError,
     PlanError,
     SignalTimeoutError,
 )
 from storno._history import StepState, WaitState, fold
 from storno._model import (
+    APPROVAL_WAIT,
+    RESERVED_PREFIX,
     Event,
     EventType,
     InboxMessage,
     MessageKind,
     RunStatus,
     StepKind,
+    check_time,
 )
 from storno._serde import decode
 from storno._store import NewRun
@@ -45,6 +49,7 @@ __all__ = [
     "gather",
     "publish",
     "sleep_until",
+    "wait_approval",
     "wait_signal",
 ]
 
@@ -113,16 +118,19 @@ async def check_cancel(x: RunExecution) -> None:
         raise Cancelled(by, reason)
 
 
-def _wait_at(x: RunExecution, kind: str, name: str, what: str) -> tuple[int, WaitState, bool]:
-    """Take the next position for a wait; return it, its state, and whether it is new."""
+def _wait_at(
+    x: RunExecution, kind: str, name: str | None, what: str
+) -> tuple[int, WaitState, bool]:
+    """Take the next position for a wait; return it, its state, and whether it is new.
+    ``name`` ``None`` matches a recorded wait of that kind under any name."""
     position = x.take_position(what)
     wait = x.recorded.waits.get(position)
     if wait is None and (position in x.recorded.steps or position in x.recorded.values):
         raise x.mismatch(position, what)
-    if wait is not None and (wait.kind != kind or wait.name != name):
+    if wait is not None and (wait.kind != kind or name not in (None, wait.name)):
         raise x.mismatch(position, what)
     if wait is None:
-        return position, WaitState(position, kind, name, None), True
+        return position, WaitState(position, kind, name or "", None), True
     return position, wait, False
 
 
@@ -132,7 +140,7 @@ async def sleep_until(x: RunExecution, wake_at: float) -> None:
     if wait.status == "done":
         return
     if new:
-        wait.until = wake_at
+        wait.until = check_time(wake_at, "the end of ctx.sleep()")
         x.append(EventType.TIMER_STARTED, position, {"until": wake_at})
     assert wait.until is not None
     if x.host.clock.now() >= wait.until:
@@ -144,6 +152,11 @@ async def sleep_until(x: RunExecution, wake_at: float) -> None:
 async def wait_signal(
     x: RunExecution, name: str, timeout: float | None, has_default: bool, default: Any
 ) -> Any:
+    if name.startswith(RESERVED_PREFIX):
+        raise ConfigurationError(
+            f"signal names starting with {RESERVED_PREFIX!r} are reserved for storno, got "
+            f"{name!r}; use ctx.wait_for_approval() for an operator's decision"
+        )
     position, wait, new = _wait_at(x, "signal", name, f"a wait for signal {name!r}")
     await check_cancel(x)
     if wait.status == "done":
@@ -152,7 +165,7 @@ async def wait_signal(
         return _timed_out(name, has_default, default)
     now = x.host.clock.now()
     if new:
-        wait.until = None if timeout is None else now + timeout
+        wait.until = None if timeout is None else check_time(now + timeout, "the wait's timeout")
         data = {"name": name, "until": wait.until}
         x.append(EventType.SIGNAL_WAIT_STARTED, position, data)
     await refresh_inbox(x)
@@ -166,6 +179,81 @@ async def wait_signal(
         x.append(EventType.SIGNAL_TIMED_OUT, position, {"name": name})
         return _timed_out(name, has_default, default)
     raise Suspend(wait.until)
+
+
+def early_approvals(x: RunExecution) -> bool:
+    """Whether the run's saga declared, when the run started, that approvals may come early."""
+    first = x.events[0] if x.events else None
+    return bool(first is not None and first.data.get("early_approvals"))
+
+
+async def wait_approval(x: RunExecution, timeout: float | None, early: bool | None) -> Any:
+    """Wait for an operator's decision (an approval message, never a signal); return its data.
+
+    Unless the wait (or, by default, its saga) takes early approvals, a decision given before
+    the wait began is not taken: it is journaled as ignored and the wait goes on waiting.
+    """
+    what = "ctx.wait_for_approval()"
+    position, wait, new = _wait_at(x, "approval", None, what)
+    await check_cancel(x)
+    if wait.status == "done":
+        return decode(wait.payload or "null", what="approval")
+    if wait.status == "timed_out":
+        raise _approval_timed_out()
+    if early is None:
+        early = early_approvals(x)
+    now = x.host.clock.now()
+    if new:
+        # Load every message delivered so far: those are the ones sent before this wait.
+        for message in await x.host.store.inbox(x.record.run_id, after=x.inbox_seen):
+            x.inbox.append(message)
+            x.inbox_seen = max(x.inbox_seen, message.seq)
+        x.inbox_latest = max(x.inbox_latest, x.inbox_seen)
+        wait.until = None if timeout is None else check_time(now + timeout, "the wait's timeout")
+        data = {"name": APPROVAL_WAIT, "until": wait.until, "approval": True}
+        data.update(early=early, after=x.inbox_seen)
+        x.append(EventType.SIGNAL_WAIT_STARTED, position, data)
+        if not early:
+            for message in x.inbox:
+                if message.kind is MessageKind.APPROVAL and message.seq not in x.consumed:
+                    note = {"ignored_seq": message.seq, "by": message.meta.get("by")}
+                    x.append(EventType.APPROVAL_IGNORED, position, note)
+    after = _approval_boundary(x, position)
+    ignored = {e.data.get("ignored_seq") for e in x.events if e.type is EventType.APPROVAL_IGNORED}
+    await refresh_inbox(x)
+    for message in x.inbox:
+        if (
+            message.kind is MessageKind.APPROVAL
+            and message.seq not in x.consumed
+            and message.seq not in ignored
+            and (early or after is None or message.seq > after)
+        ):
+            x.consumed.add(message.seq)
+            data = {**message.meta, "name": APPROVAL_WAIT, "inbox_seq": message.seq}
+            x.append(
+                EventType.SIGNAL_RECEIVED, position, {**data, "approval": True}, message.payload
+            )
+            return decode(message.payload or "null", what="approval")
+    if wait.until is not None and now >= wait.until:
+        x.append(EventType.SIGNAL_TIMED_OUT, position, {"name": APPROVAL_WAIT, "approval": True})
+        raise _approval_timed_out()
+    raise Suspend(wait.until)
+
+
+def _approval_boundary(x: RunExecution, position: int) -> int | None:
+    """The newest inbox message sent before the approval wait at ``position`` began."""
+    for event in x.events:
+        if event.type is EventType.SIGNAL_WAIT_STARTED and event.position == position:
+            after = event.data.get("after")
+            return after if isinstance(after, int) else None
+    return None
+
+
+def _approval_timed_out() -> SignalTimeoutError:
+    return SignalTimeoutError(
+        "no approval came before the wait's timeout; catch storno.SignalTimeoutError around "
+        "ctx.wait_for_approval() to go on without one"
+    )
 
 
 def _timed_out(name: str, has_default: bool, default: Any) -> Any:
@@ -235,7 +323,9 @@ async def call_child(x: RunExecution, saga: Saga[..., Any], args: Any, kwargs: A
         x.append(EventType.CHILD_STARTED, position, data, input_text)
         await x.commit()
         now = x.host.clock.now()
-        event_data = {"saga": saga.name, "parent": run_id}
+        event_data: dict[str, Any] = {"saga": saga.name, "parent": run_id}
+        if saga.early_approvals:
+            event_data["early_approvals"] = True
         first = Event(0, EventType.RUN_CREATED, now, None, event_data, input_text)
         await x.host.start_child(
             NewRun(child_id, saga.name, input_text, now, None, first, parent_run_id=run_id)

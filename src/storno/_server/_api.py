@@ -20,10 +20,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from storno import __version__
 from storno._errors import ConfigurationError, RunNotFoundError
-from storno._model import RunStatus
+from storno._model import RESERVED_PREFIX, RunStatus
 from storno._plan import PLAN_SAGA
 from storno._server._auth import Principal, Role
 from storno._server._errors import ApiError
+from storno._server._guards import run_id_of
 from storno._server._models import (
     ActionResult,
     ApproveRequest,
@@ -86,9 +87,7 @@ _STARTED: dict[int | str, dict[str, Any]] = {
     200: {"model": StartResult, "description": "The run id existed: that run, unchanged"},
     **_err(401, 403, 409),
 }
-router = APIRouter(
-    prefix="/api/v1", responses=_err(400, 413, 422), dependencies=[Depends(known_query)]
-)
+router = APIRouter(prefix="/api/v1", responses=_err(400, 413, 422))
 
 
 def state_of(request: Request) -> ServerState:
@@ -122,7 +121,11 @@ def _role(wanted: Role) -> Callable[..., Awaitable[Principal]]:
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
-        return authenticate(request, credentials.credentials if credentials else None, wanted)
+        token = credentials.credentials if credentials else None
+        principal = authenticate(request, token, wanted)
+        # Only once the caller is known: an anonymous request must not learn parameter names.
+        await known_query(request)
+        return principal
 
     return dependency
 
@@ -138,9 +141,26 @@ def actor(principal: Principal, by: str | None) -> str:
     return f"{by} (via {principal.name})"
 
 
+def _signal_name(value: str) -> str:
+    """A signal name a caller may send: storno's own (``storno.*``) are refused."""
+    try:
+        check_identifier(value, "signal name")
+    except ValueError as exc:
+        raise ApiError(422, "invalid_signal", str(exc)) from None
+    if value.startswith(RESERVED_PREFIX):
+        raise ApiError(
+            422,
+            "reserved_signal",
+            f"signal names starting with {RESERVED_PREFIX!r} are reserved for storno, got "
+            f"{value!r}; approvals are given by operators with POST "
+            f"/api/v1/runs/{{run_id}}/approve or /reject, never as signals or webhooks",
+        )
+    return value
+
+
 def _run_id(value: str) -> str:
     try:
-        return check_identifier(value, "run id")
+        return check_identifier(run_id_of(value), "run id")
     except ValueError as exc:
         raise ApiError(422, "invalid_run_id", str(exc)) from None
 
@@ -175,7 +195,7 @@ def _ts(value: datetime | None) -> float | None:
 # --- health and runs -----------------------------------------------------------------------
 
 
-@router.get("/health", response_model=Health, tags=["health"])
+@router.get("/health", response_model=Health, tags=["health"], dependencies=[Depends(known_query)])
 async def health(request: Request) -> dict[str, Any]:
     """Liveness and store reachability; needs no token."""
     await state_of(request).app.list_runs(limit=1)
@@ -311,9 +331,9 @@ async def start_plan(
 )
 async def query_one(request: Request, principal: Reader, run_id: str, name: str) -> dict[str, Any]:
     """One value the run published with ``ctx.publish()``."""
-    app = state_of(request).app
+    app, run_id = state_of(request).app, _run_id(run_id)
     try:
-        value = await app.query(_run_id(run_id), name)
+        value = await app.query(run_id, name)
     except RunNotFoundError:
         raise
     except LookupError as exc:
@@ -329,7 +349,8 @@ async def query_one(request: Request, principal: Reader, run_id: str, name: str)
 )
 async def query_all(request: Request, principal: Reader, run_id: str) -> dict[str, Any]:
     """All values the run published with ``ctx.publish()``."""
-    value = await state_of(request).app.query(_run_id(run_id))
+    run_id = _run_id(run_id)
+    value = await state_of(request).app.query(run_id)
     return {"run_id": run_id, "name": None, "value": value}
 
 
@@ -354,14 +375,12 @@ async def send_signal(
     body: Annotated[SignalRequest | None, Body()] = None,
 ) -> dict[str, Any]:
     """Send a signal; it is buffered until the run waits for it. A repeated ``id`` is stored
-    once (``delivered: duplicate``). A run that has ended refuses it (409)."""
+    once (``delivered: duplicate``), even after the run ended; a run that has ended refuses
+    any other signal (409)."""
     body = body or SignalRequest()
-    try:
-        check_identifier(name, "signal name")
-    except ValueError as exc:
-        raise ApiError(422, "invalid_signal", str(exc)) from None
-    app = state_of(request).app
-    stored = await app.signal(_run_id(run_id), name, body.data, id=body.id)
+    _signal_name(name)
+    app, run_id = state_of(request).app, _run_id(run_id)
+    stored = await app.signal(run_id, name, body.data, id=body.id)
     return {
         "run_id": run_id,
         "signal": name,
@@ -385,8 +404,8 @@ async def approve(
 ) -> dict[str, Any]:
     """Approve a run waiting in ``ctx.wait_for_approval()``."""
     body = body or ApproveRequest()
-    server, who = state_of(request), actor(principal, body.by)
-    await server.app.approve(_run_id(run_id), by=who, note=body.note)
+    server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
+    await server.app.approve(run_id, by=who, note=body.note)
     return await _after(server, run_id, "approve", who)
 
 
@@ -401,8 +420,8 @@ async def reject(
     request: Request, principal: Operator, run_id: str, body: RejectRequest
 ) -> dict[str, Any]:
     """Reject a run waiting for approval; it compensates unless its code handles that."""
-    server, who = state_of(request), actor(principal, body.by)
-    await server.app.reject(_run_id(run_id), by=who, reason=body.reason)
+    server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
+    await server.app.reject(run_id, by=who, reason=body.reason)
     return await _after(server, run_id, "reject", who)
 
 
@@ -418,8 +437,8 @@ async def cancel(
 ) -> dict[str, Any]:
     """Cancel a run: its completed steps are compensated and it ends ``cancelled``. Refused
     (409) after its point of no return or once it has ended."""
-    server, who = state_of(request), actor(principal, body.by)
-    await server.app.cancel(_run_id(run_id), by=who, reason=body.reason)
+    server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
+    await server.app.cancel(run_id, by=who, reason=body.reason)
     return await _after(server, run_id, "cancel", who)
 
 
@@ -438,8 +457,8 @@ async def retry(
 ) -> dict[str, Any]:
     """Retry a dead letter's compensation where it failed, with the same keys."""
     body = body or RetryRequest()
-    server, who = state_of(request), actor(principal, body.by)
-    await server.app.retry(_run_id(run_id), by=who, note=body.note)
+    server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
+    await server.app.retry(run_id, by=who, note=body.note)
     return await _after(server, run_id, "retry", who)
 
 
@@ -453,8 +472,8 @@ async def resolve(
     request: Request, principal: Operator, run_id: str, body: ResolveRequest
 ) -> dict[str, Any]:
     """Mark a dead letter compensated by hand; the note says what was done."""
-    server, who = state_of(request), actor(principal, body.by)
-    await server.app.resolve(_run_id(run_id), by=who, note=body.note)
+    server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
+    await server.app.resolve(run_id, by=who, note=body.note)
     return await _after(server, run_id, "resolve", who)
 
 
@@ -529,9 +548,7 @@ async def stats(request: Request, principal: Reader) -> dict[str, Any]:
 
 # --- webhooks ------------------------------------------------------------------------------
 
-webhook_router = APIRouter(
-    prefix="/api/v1", responses=_err(400, 413, 422), dependencies=[Depends(known_query)]
-)
+webhook_router = APIRouter(prefix="/api/v1", responses=_err(400, 413, 422))
 
 EVENT_ID_HEADERS = (
     "idempotency-key",
@@ -632,11 +649,12 @@ async def webhook(
     if not presented and auth[:7].lower() == "bearer ":
         presented = auth[7:].strip()
     principal = authenticate(request, presented, Role.WEBHOOK)
+    await known_query(request)
     try:
-        check_identifier(signal, "signal name")
-        run_id = check_identifier(run_id, "run id")
+        run_id = check_identifier(run_id_of(run_id), "run id")
     except ValueError as exc:
         raise ApiError(422, "invalid", str(exc)) from None
+    _signal_name(signal)
     data = _webhook_data(await request.body(), request.headers.get("content-type", ""))
     raw_id = _event_id(request, data, id_field, event_id)
     message_id = None

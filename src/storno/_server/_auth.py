@@ -16,6 +16,7 @@ import ipaddress
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "MIN_TOKEN_LENGTH",
     "Principal",
     "Role",
+    "Sessions",
     "TokenStore",
     "is_loopback",
 ]
@@ -188,6 +190,49 @@ class TokenStore:
 
     def csrf_ok(self, token: str | None, presented: str | None) -> bool:
         return bool(presented) and hmac.compare_digest(self.csrf(token), presented or "")
+
+
+@dataclass(slots=True)
+class Sessions:
+    """Dashboard sign-ins, kept on the server: the browser's cookie holds a random session
+    id, never the token, and signing out forgets the session (a copied cookie is dead).
+
+    Only digests of session ids are kept; sessions expire after ``max_age`` seconds and are
+    lost when the server restarts (users sign in again).
+    """
+
+    max_age: float = 12 * 3600
+    limit: int = 10_000
+    _by_digest: dict[str, tuple[Principal, float]] = field(default_factory=dict)
+
+    def start(self, principal: Principal) -> str:
+        """A new session for ``principal``; returns the id for the cookie."""
+        now = time.monotonic()
+        if len(self._by_digest) >= self.limit:
+            self._by_digest = {k: v for k, v in self._by_digest.items() if v[1] > now}
+            while len(self._by_digest) >= self.limit:  # the oldest go first
+                del self._by_digest[next(iter(self._by_digest))]
+        session_id = secrets.token_urlsafe(32)
+        self._by_digest[_digest(session_id)] = (principal, now + self.max_age)
+        return session_id
+
+    def check(self, session_id: str | None) -> Principal | None:
+        """Who holds this session, or ``None`` if it is unknown, ended or expired."""
+        if not session_id:
+            return None
+        found = self._by_digest.get(_digest(session_id))
+        if found is None:
+            return None
+        principal, expires = found
+        if time.monotonic() >= expires:
+            del self._by_digest[_digest(session_id)]
+            return None
+        return principal
+
+    def end(self, session_id: str | None) -> None:
+        """Sign out: the session id is worth nothing from now on."""
+        if session_id:
+            self._by_digest.pop(_digest(session_id), None)
 
 
 def is_loopback(host: str) -> bool:

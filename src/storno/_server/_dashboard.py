@@ -1,7 +1,8 @@
 """The web dashboard under ``/ui``: server-rendered pages, one CSS and one JS file.
 
-Pages read runs with a read or operator token held in an HttpOnly cookie (set by the login
-form). Forms that change a run are shown only to operators, and every action is checked
+Pages read runs with a read or operator token: the login form checks it and starts a session
+on the server, whose random id (never the token) is held in an HttpOnly cookie; signing out
+ends the session. Forms that change a run are shown only to operators, and every action is checked
 again on the server: role and a per-session form token (CSRF). Everything shown is escaped
 by the templates: step arguments, results and errors are untrusted data.
 """
@@ -23,17 +24,18 @@ from starlette.staticfiles import StaticFiles
 
 from storno import __version__
 from storno._errors import StornoError
-from storno._model import RunStatus
+from storno._model import MessageKind, RunStatus
 from storno._server._api import actor, state_of
 from storno._server._auth import Principal, Role
 from storno._server._errors import ApiError, from_storno
+from storno._server._guards import run_id_of
 from storno._server._models import check_identifier, check_text
 from storno._server._stats import find_stuck, stuck_reason, threshold_for
 from storno._server._timeline import build_timeline
 
 __all__ = ["COOKIE", "install_dashboard"]
 
-COOKIE = "storno_token"
+COOKIE = "storno_session"
 HERE = Path(__file__).parent
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -111,14 +113,16 @@ class _Auth:
     """The dashboard's view of who is looking."""
 
     def __init__(self, request: Request) -> None:
-        tokens = state_of(request).tokens
-        self.token = request.cookies.get(COOKIE)
-        principal = tokens.check(self.token)
+        server = state_of(request)
+        tokens = server.tokens
+        self.session = request.cookies.get(COOKIE)
+        principal = tokens.check(None) if tokens.open else server.sessions.check(self.session)
         if principal is not None and principal.role is Role.WEBHOOK:
             principal = None
         self.principal: Principal | None = principal
         self.open = tokens.open
-        self.csrf = tokens.csrf(self.token)
+        # The form token is tied to the session, so a page of an ended session cannot post.
+        self.csrf = tokens.csrf(self.session if principal is not None else None)
         if principal is not None:
             request.state.principal_name = principal.name
 
@@ -187,19 +191,21 @@ def install_dashboard(api: FastAPI) -> Any:
                 message = "The server runs open on loopback; no token is needed."
             return render(request, "login.html", code=401, next=target, failed=message)
         response = RedirectResponse(target, status_code=303)
+        sessions = state_of(request).sessions
         response.set_cookie(
             COOKIE,
-            token,
+            sessions.start(principal),
             httponly=True,
             samesite="strict",
             secure=request.url.scheme == "https",
             path="/ui",
-            max_age=12 * 3600,
+            max_age=int(sessions.max_age),
         )
         return response
 
     @api.post("/ui/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
+        state_of(request).sessions.end(request.cookies.get(COOKIE))
         response = RedirectResponse("/ui/login", status_code=303)
         response.delete_cookie(COOKIE, path="/ui")
         return response
@@ -277,8 +283,9 @@ def install_dashboard(api: FastAPI) -> Any:
     @api.post("/ui/runs/{run_id:path}/{action}", include_in_schema=False)
     async def run_action(request: Request, run_id: str, action: str) -> Response:
         auth = reader(request)
+        run_id = run_id_of(run_id)
         form = await _form(request)
-        if not state_of(request).tokens.csrf_ok(auth.token, form.get("csrf")):
+        if not state_of(request).tokens.csrf_ok(auth.session, form.get("csrf")):
             raise ApiError(403, "forbidden", "the form is stale or forged: reload the page")
         if auth.principal is None or not auth.principal.can_operate:
             raise ApiError(
@@ -346,6 +353,7 @@ def install_dashboard(api: FastAPI) -> Any:
     @api.get("/ui/runs/{run_id:path}", include_in_schema=False)
     async def run_page(request: Request, run_id: str) -> Response:
         auth = reader(request)
+        run_id = run_id_of(run_id)
         server = state_of(request)
         try:
             check_identifier(run_id, "run id")
@@ -362,7 +370,7 @@ def install_dashboard(api: FastAPI) -> Any:
             {
                 "seq": m.seq,
                 "kind": m.kind.value,
-                "name": m.name,
+                "name": "" if m.kind is MessageKind.APPROVAL else m.name,
                 "id": m.message_id,
                 "sent_at": m.sent_at,
                 "meta": m.meta,

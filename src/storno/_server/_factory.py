@@ -15,6 +15,7 @@ from storno._app import Storno
 from storno._server._api import authenticate, router, webhook_router
 from storno._server._auth import Role, TokenStore
 from storno._server._errors import BodyLimit, install_handlers
+from storno._server._guards import EncodedSlashes, LoopbackHosts
 from storno._server._logging import AccessLog, EventLog
 from storno._server._metrics import Metrics
 from storno._server._state import ServerState
@@ -138,5 +139,8 @@ def create_app(
 
     install_handlers(api, html)
     api.add_middleware(BodyLimit, limit=limit)
+    api.add_middleware(EncodedSlashes)
+    if tokens.open:
+        api.add_middleware(LoopbackHosts)
     api.add_middleware(AccessLog)
     return api

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -30,6 +30,7 @@ __all__ = [
     "Stats",
     "StuckList",
     "check_identifier",
+    "check_moment",
     "check_text",
 ]
 
@@ -53,6 +54,23 @@ def check_text(value: str) -> str:
     return value
 
 
+def check_moment(value: datetime | None) -> datetime | None:
+    """A time that is a date in UTC too (a naive one is taken as UTC): years 1 to 9999."""
+    if value is None:
+        return None
+    try:
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value.astimezone(UTC).timestamp()
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(
+            f"{value.isoformat()} is out of range: times must fall between the years 1 and "
+            f"9999 in UTC"
+        ) from None
+    return value
+
+
+Moment = Annotated[datetime, AfterValidator(check_moment)]
 Identifier = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_identifier)]
 Text = Annotated[str, Field(max_length=4000), AfterValidator(check_text)]
 Actor = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_identifier)]
@@ -88,7 +106,7 @@ class StartRunRequest(_Body):
     )
     timeout: float | None = Field(default=None, gt=0, le=1e9, description="Deadline, seconds.")
     start_delay: float | None = Field(default=None, gt=0, le=1e9, description="Start later.")
-    start_at: datetime | None = Field(default=None, description="Start at (with a time zone).")
+    start_at: Moment | None = Field(default=None, description="Start at (with a time zone).")
 
 
 class StartPlanRequest(_Body):

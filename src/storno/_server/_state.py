@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storno._app import Storno
-from storno._server._auth import TokenStore
+from storno._server._auth import Sessions, TokenStore
 from storno._server._metrics import Metrics
 from storno._server._stats import DEFAULT_STUCK_AFTER, StatsCache
 
@@ -26,3 +26,4 @@ class ServerState:
     worker_options: dict[str, Any] = field(default_factory=dict)
     listeners: list[Any] = field(default_factory=list)
     sagas: dict[str, Any] = field(default_factory=dict)  # as declared, before any start
+    sessions: Sessions = field(default_factory=Sessions)  # dashboard sign-ins

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from storno._context import APPROVAL_SIGNAL
+from storno._model import LEGACY_APPROVAL_SIGNAL
 from storno._views import HistoryEvent, RunInfo, StepInfo
 
 __all__ = ["Attempt", "Compensation", "Timeline", "build_timeline"]
@@ -38,7 +38,7 @@ class Attempt:
 @dataclass(slots=True)
 class ForwardItem:
     position: int
-    kind: str  # step | child | sleep | signal
+    kind: str  # step | child | sleep | signal | approval
     name: str
     status: str
     step: StepInfo | None = None
@@ -118,6 +118,8 @@ def _describe(e: HistoryEvent) -> str | None:
         return "compensation failed: the run is a dead letter"
     if e.type == "run_needs_attention":
         return "parked: needs attention"
+    if e.type == "approval_ignored":
+        return f"a decision by {d.get('by')} given before the run asked for one was ignored"
     return None
 
 
@@ -175,10 +177,13 @@ def build_timeline(info: RunInfo) -> Timeline:
             gave_up[p] = str(d.get("reason") or "failed")
         elif e.type in ("timer_started", "signal_wait_started"):
             sleep = e.type == "timer_started"
+            approval = not sleep and (
+                bool(d.get("approval")) or d.get("name") == LEGACY_APPROVAL_SIGNAL
+            )
             waits[p] = ForwardItem(
                 position=p,
-                kind="sleep" if sleep else "signal",
-                name="sleep" if sleep else str(d.get("name")),
+                kind="sleep" if sleep else ("approval" if approval else "signal"),
+                name="sleep" if sleep else ("approval" if approval else str(d.get("name"))),
                 status="waiting",
                 started_at=e.at,
                 until=d.get("until"),
@@ -190,7 +195,11 @@ def build_timeline(info: RunInfo) -> Timeline:
             if e.type == "signal_received":
                 w.value = e.value
                 sender = d.get("sent_by") or d.get("by")
-                w.note = f"sent by {sender}" if sender else None
+                if w.kind == "approval":
+                    sender = d.get("by") or sender
+                    w.note = f"decided by {sender}" if sender else None
+                else:
+                    w.note = f"sent by {sender}" if sender else None
         elif e.type.startswith("compensation_"):
             first_comp_seq.setdefault(p, e.seq)
             step = steps.get(p)
@@ -247,7 +256,7 @@ def build_timeline(info: RunInfo) -> Timeline:
     awaits_approval = False
     if info.status.value == "waiting" and open_waits:
         last = open_waits[-1]
-        awaits_approval = last.kind == "signal" and last.name == APPROVAL_SIGNAL
+        awaits_approval = last.kind == "approval"
         waiting_for = (
             "approval"
             if awaits_approval

@@ -191,8 +191,9 @@ class Store(abc.ABC):
     async def deliver(self, run_id: str, message: InboxMessage, *, now: float) -> Delivery | None:
         """Store a message in the run's inbox and wake the run if it is waiting.
 
-        Returns ``None`` if no run has that id. A run that has ended stores nothing (``seq``
-        0); a message whose ``message_id`` was stored before is not stored again.
+        Returns ``None`` if no run has that id. A message whose ``message_id`` was stored
+        before is not stored again (``duplicate``), even once the run has ended; any other
+        message to a run that has ended stores nothing (``seq`` 0).
         """
 
     @abc.abstractmethod

@@ -340,8 +340,7 @@ class PostgresStore(PostgresConnection, Store):
         if row is None:
             return None
         status = RunStatus(row[0])
-        if status in ENDED_STATUSES:
-            return Delivery(status, 0)
+        # A repeated id is a duplicate even once the run has ended (see the SQLite store).
         if message.message_id is not None:
             cur = await conn.execute(
                 f"SELECT seq FROM {self._inbox} WHERE run_id = %s AND message_id = %s",
@@ -350,7 +349,9 @@ class PostgresStore(PostgresConnection, Store):
             seen = await cur.fetchone()
             if seen is not None:
                 return Delivery(status, int(seen[0]), duplicate=True)
-        elif uncertain and row[1] > 0:
+        if status in ENDED_STATUSES:
+            return Delivery(status, 0)
+        if message.message_id is None and uncertain and row[1] > 0:
             # An earlier try of this delivery may have committed: the same message sent at
             # the same time is taken for it rather than stored twice.
             dcur = conn.cursor(row_factory=dict_row)

@@ -70,8 +70,8 @@ def _deliver(
     if row is None:
         return None
     status = RunStatus(row["status"])
-    if status in ENDED_STATUSES:
-        return Delivery(status, 0)
+    # A repeated id is a duplicate even once the run has ended: a sender whose answer was lost
+    # retries, and must hear that its message was taken.
     if message.message_id is not None:
         seen = conn.execute(
             "SELECT seq FROM storno_inbox WHERE run_id = ? AND message_id = ?",
@@ -79,6 +79,8 @@ def _deliver(
         ).fetchone()
         if seen is not None:
             return Delivery(status, seen[0], duplicate=True)
+    if status in ENDED_STATUSES:
+        return Delivery(status, 0)
     seq = row["inbox_seq"] + 1
     conn.execute(
         "INSERT INTO storno_inbox (run_id, seq, kind, name, message_id, payload, meta, sent_at)"
