@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from storno._context import APPROVAL_SIGNAL
 from storno._history import fold
 from storno._views import RunInfo
 
@@ -44,9 +43,10 @@ class WaitFeeder:
             return False
         sent = False
         for position, wait in sorted(fold(await app.store.history(run_id)).waits.items()):
-            if wait.kind != "signal" or wait.status != "waiting" or (run_id, position) in self._fed:
+            waiting = wait.kind in ("signal", "approval") and wait.status == "waiting"
+            if not waiting or (run_id, position) in self._fed:
                 continue
-            if wait.name == APPROVAL_SIGNAL:
+            if wait.kind == "approval":
                 if self.approve is None:
                     continue
                 decision = self.approve
