@@ -17,6 +17,7 @@ from storno._app import Storno
 from storno._cli import _db_option, _echo_json, _existing, _load_app, _ts
 from storno._server._stats import parse_duration
 from storno._store import open_store
+from storno._store._migrations import redact
 
 __all__ = ["COMMANDS"]
 
@@ -182,7 +183,7 @@ def serve(
     roles = "open on loopback" if tokens.open else f"{len(tokens.tokens)} token(s)"
     log.info(
         "serving %s on http://%s:%d (%s; dashboard /ui/, API /api/v1, OpenAPI /openapi.json)",
-        app.url if "@" not in app.url else app.url.split("@", 1)[1],
+        redact(app.url),
         host,
         port,
         roles,

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from storno._errors import ConfigurationError, LeaseLostError, StoreError
-from storno._store._migrations import available, too_new
+from storno._store._migrations import available, redact, too_new
 
 __all__ = ["Op", "Writer", "connect", "migrate", "need_folder", "parse_sqlite_url"]
 
@@ -44,26 +44,26 @@ def parse_sqlite_url(url: str) -> tuple[Path, str]:
     parts = urlsplit(url)
     if parts.netloc:
         raise ConfigurationError(
-            f"SQLite URL {url!r} has a host part; write sqlite:///relative.db or "
+            f"SQLite URL {redact(url)!r} has a host part; write sqlite:///relative.db or "
             f"sqlite:////absolute/path.db"
         )
     raw = unquote(parts.path)
     path = raw[1:] if raw.startswith("/") else raw
     if not path or path == ":memory:":
         raise ConfigurationError(
-            f"SQLite URL {url!r} names no file; storno needs a file so that runs survive the "
-            f"process (an in-memory database would lose them)"
+            f"SQLite URL {redact(url)!r} names no file; storno needs a file so that runs survive "
+            f"the process (an in-memory database would lose them)"
         )
     query = parse_qs(parts.query)
     unknown = set(query) - {"synchronous"}
     if unknown:
         raise ConfigurationError(
-            f"unknown SQLite URL option(s) {sorted(unknown)} in {url!r}; known: synchronous"
+            f"unknown SQLite URL option(s) {sorted(unknown)} in {redact(url)!r}; known: synchronous"
         )
     synchronous = query.get("synchronous", ["full"])[-1].lower()
     if synchronous not in _SYNCHRONOUS:
         raise ConfigurationError(
-            f"synchronous={synchronous!r} in {url!r}; use one of {sorted(_SYNCHRONOUS)}"
+            f"synchronous={synchronous!r} in {redact(url)!r}; use one of {sorted(_SYNCHRONOUS)}"
         )
     return Path(path), synchronous
 
