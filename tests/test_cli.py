@@ -316,3 +316,67 @@ def test_the_examples_in_docs_cli_md_run(tmp_path: Path) -> None:
     assert "exit code 1" in done.stdout  # storno show no-such-run
     assert "hello ada" in done.stdout  # the run the worker executed
     assert "run " in done.stderr and ": completed" in done.stderr
+
+
+# --- the worker's log ----------------------------------------------------------------------
+
+FORGED = "2030-01-01 00:00:00,000 INFO run forged: completed"
+DEAD_LETTER_APP = f"""
+import storno
+
+@storno.step(kind="compensable")
+def reserve(ctx: storno.StepContext) -> str:
+    return "held"
+
+@reserve.compensation
+def release(ctx: storno.CompensationContext[str]) -> None:
+    raise storno.TerminalError("release API down\\n{FORGED}")
+
+@storno.step(kind="compensable", compensate=lambda ctx: None)
+def decline(ctx: storno.StepContext) -> None:
+    raise storno.TerminalError("declined\\r\\n{FORGED}")
+
+@storno.saga
+async def doomed(ctx: storno.SagaContext) -> None:
+    await ctx.step(reserve)
+    await ctx.step(decline)
+
+app = storno.Storno(sagas=[doomed])
+"""
+
+
+def test_worker_logs_a_dead_letter_as_an_error_on_one_line(tmp_path: Path) -> None:
+    import storno
+
+    (tmp_path / "doomed_app.py").write_text(DEAD_LETTER_APP)
+    url = f"sqlite:///{tmp_path / 'storno.db'}"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "storno", "worker", "--app", "doomed_app:app", "--db", url],
+        cwd=tmp_path,
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        sys.path.insert(0, str(tmp_path))
+        module = importlib.import_module("doomed_app")
+
+        async def start_and_wait() -> None:
+            async with storno.Storno(url, sagas=[module.doomed]) as app:
+                handle = await app.start(module.doomed.options(run_id="doomed-1"))
+                with pytest.raises(storno.CompensationFailedError):
+                    await handle.result(timeout=20)
+
+        asyncio.run(start_and_wait())
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=20)
+    finally:
+        sys.path.remove(str(tmp_path))
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    lines = err.splitlines()
+    assert not [line for line in lines if line.startswith(FORGED[:19])], err
+    [dead] = [line for line in lines if "run doomed-1: compensation_failed" in line]
+    assert " ERROR run doomed-1" in dead, err
+    assert "release API down\\n2030-01-01" in dead

@@ -24,6 +24,7 @@ from storno._app import DEFAULT_URL, ENDED, Storno
 from storno._demo import STEP_NAMES, render_ledgers, run_demo
 from storno._errors import StornoError
 from storno._model import Lease, RunRecord, RunStatus
+from storno._server._logging import configure_logging
 from storno._store import open_store
 from storno._store._migrations import redact
 from storno._store._postgres import PostgresStore
@@ -35,6 +36,9 @@ __all__ = ["main", "render_run"]
 
 log = logging.getLogger("storno.cli")
 _COMPENSATING = (RunStatus.COMPENSATING, RunStatus.COMPENSATED, RunStatus.COMPENSATION_FAILED)
+# Logged at ERROR, as `storno serve` logs them: a dead letter or a parked run waits for a
+# person, and alerts watch for errors; a compensated run is the saga working as designed.
+_NEEDS_A_PERSON = (RunStatus.COMPENSATION_FAILED, RunStatus.NEEDS_ATTENTION)
 
 
 # --- the timeline ------------------------------------------------------------------------
@@ -300,7 +304,8 @@ class _LoggingWorker(Worker):
             now = await self.app.store.get_run(record.run_id)
             if now is not None and now.status in ENDED:
                 error = f": {now.error.get('message')}" if now.error else ""
-                log.info("run %s: %s%s", record.run_id, now.status.value, error)
+                level = logging.ERROR if now.status in _NEEDS_A_PERSON else logging.INFO
+                log.log(level, "run %s: %s%s", record.run_id, now.status.value, error)
             elif now is not None:
                 log.info("run %s: left %s, to be resumed", record.run_id, now.status.value)
 
@@ -348,9 +353,7 @@ def worker(
     folder is importable. The application's own URL is used unless --db is given on the
     command line, which wins ($STORNO_URL is read by Storno() itself when the code gives none).
     """
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
-    )
+    configure_logging("text")  # escapes control characters: a run's text cannot forge lines
     app = _load_app(app_ref)
     if ctx.get_parameter_source("url") is click.core.ParameterSource.COMMANDLINE:
         # Safe before the app is opened: the store connects on open().
