@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -186,6 +187,27 @@ def test_list_does_not_create_a_missing_database(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "missing.db" in done.stderr
     assert not (tmp_path / "missing.db").exists()
+
+
+@pytest.mark.parametrize("kind", ["empty", "other tables"])
+@pytest.mark.parametrize("command", [["list"], ["show", "r1"], ["stuck"], ["dead-letters"]])
+def test_read_commands_refuse_a_sqlite_file_that_is_not_a_storno_database(
+    tmp_path: Path, kind: str, command: list[str]
+) -> None:
+    path = tmp_path / "notes.db"
+    path.touch()
+    if kind == "other tables":
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE notes (body TEXT)")
+    before = path.read_bytes()
+
+    done = cli(*command, "--db", f"sqlite:///{path}", cwd=tmp_path)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{str(path)!r} is not a storno database" in done.stderr
+    assert ("an empty file" if kind == "empty" else "no storno tables") in done.stderr
+    assert path.read_bytes() == before  # no storno table was added
+    assert not (tmp_path / "notes.db-wal").exists()
 
 
 # --- worker ------------------------------------------------------------------------------

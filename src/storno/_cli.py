@@ -27,7 +27,7 @@ from storno._model import Lease, RunRecord, RunStatus
 from storno._server._logging import configure_logging
 from storno._store import open_store
 from storno._store._migrations import redact
-from storno._store._postgres import PostgresStore
+from storno._store._migrations import status as schema_status
 from storno._store._sqlite import SQLiteStore
 from storno._views import HistoryEvent, RunInfo
 from storno._worker import Worker
@@ -193,7 +193,7 @@ _db_option = click.option(
 
 def _existing(url: str) -> Storno:
     """An application for reading runs; refuses to create a database file that is not there
-    (:func:`_opened` also checks a PostgreSQL schema)."""
+    (:func:`_opened` also checks that the database holds storno's tables)."""
     app = Storno(url)
     if isinstance(app.store, SQLiteStore) and not app.store.path.exists():
         raise click.ClickException(
@@ -204,16 +204,24 @@ def _existing(url: str) -> Storno:
 
 
 async def _opened(url: str) -> Storno:
-    """:func:`_existing`, opened, after checking that a PostgreSQL URL names a storno schema
-    (opening would create a mistyped one)."""
+    """:func:`_existing`, opened, after checking that the database holds storno's tables:
+    opening would add them to a mistyped PostgreSQL schema or to any SQLite file."""
     app = _existing(url)
-    if isinstance(app.store, PostgresStore) and not (await app.store.schema_status()).exists:
+    info = await schema_status(url)
+    if info.exists:
+        await app.open()
+        return app
+    if isinstance(app.store, SQLiteStore):
+        path = str(app.store.path)
+        what = "an empty file" if app.store.path.stat().st_size == 0 else "it has no storno tables"
         raise click.ClickException(
-            f"no storno tables at {redact(url)}; pass the --db URL your application uses, or "
-            f"create them with `storno db upgrade`"
+            f"{path!r} is not a storno database ({what}; from --db {redact(url)}); read "
+            f"commands leave it as it is. Pass the --db URL your application uses"
         )
-    await app.open()
-    return app
+    raise click.ClickException(
+        f"no storno tables at {redact(url)}; pass the --db URL your application uses, or "
+        f"create them with `storno db upgrade`"
+    )
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from storno._app import Storno
-from storno._cli import _db_option, _echo_json, _existing, _load_app, _ts
+from storno._cli import _db_option, _echo_json, _load_app, _opened, _ts
 from storno._server._stats import parse_duration
 from storno._store import open_store
 from storno._store._migrations import redact
@@ -230,10 +230,10 @@ def stuck(
     from storno._server._stats import find_stuck
 
     url_given = ctx.get_parameter_source("url") is click.core.ParameterSource.COMMANDLINE
-    app = _existing(url) if app_ref is None else _app_for(app_ref, url, url_given)
+    given = None if app_ref is None else _app_for(app_ref, url, url_given)
 
     async def fetch() -> list[Any]:
-        async with app:
+        async with given or await _opened(url) as app:
             return await find_stuck(app, older_than=older_than, default=default, limit=limit)
 
     found = asyncio.run(fetch())
