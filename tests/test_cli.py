@@ -142,15 +142,40 @@ def demo_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, list[s
 def test_list_shows_the_runs(demo_db: tuple[Path, str, list[str]]) -> None:
     folder, url, (completed, compensated) = demo_db
 
-    runs = cli_json("list", "--db", url, cwd=folder)
+    listed = cli_json("list", "--db", url, cwd=folder)
+    runs = listed["runs"]
     assert {r["id"] for r in runs} == {completed, compensated}
     assert all(r["saga"] == "booking" for r in runs)
-    only = cli_json("list", "--status", "compensated", "--db", url, cwd=folder)
+    assert (listed["total"], listed["offset"], listed["truncated"]) == (2, 0, False)
+    only = cli_json("list", "--status", "compensated", "--db", url, cwd=folder)["runs"]
     assert [r["id"] for r in only] == [compensated]
 
     table = cli("list", "--db", url, cwd=folder)
     assert table.returncode == 0, table.stderr
     assert completed in table.stdout and compensated in table.stdout
+
+
+def test_list_takes_several_statuses_pages_on_and_says_how_many_it_shows(
+    demo_db: tuple[Path, str, list[str]],
+) -> None:
+    folder, url, (completed, compensated) = demo_db
+
+    both = cli_json(
+        "list", "--status", "completed", "--status", "compensated", "--db", url, cwd=folder
+    )
+    assert {r["id"] for r in both["runs"]} == {completed, compensated}
+    first = cli_json("list", "--limit", "1", "--db", url, cwd=folder)
+    assert [r["id"] for r in first["runs"]] == [compensated]  # newest first
+    assert (first["total"], first["limit"], first["truncated"]) == (2, 1, True)
+    second = cli_json("list", "--limit", "1", "--offset", "1", "--db", url, cwd=folder)
+    assert [r["id"] for r in second["runs"]] == [completed]
+    assert (second["total"], second["offset"], second["truncated"]) == (2, 1, True)
+
+    table = cli("list", "--limit", "1", "--db", url, cwd=folder)
+    assert table.returncode == 0, table.stderr
+    assert "1 of 2 shown" in table.stdout and "--offset 1 shows the next" in table.stdout
+    whole = cli("list", "--db", url, cwd=folder)
+    assert "shown" not in whole.stdout
 
 
 def test_show_prints_the_timeline(demo_db: tuple[Path, str, list[str]]) -> None:

@@ -76,6 +76,17 @@ _FAILURES: Mapping[RunStatus, type[RunFailedError]] = {
 }
 
 
+def _statuses(
+    status: RunStatus | str | Iterable[RunStatus | str] | None,
+) -> RunStatus | list[RunStatus] | None:
+    """A listing's status filter as the store takes it; an unknown name raises ValueError."""
+    if status is None or isinstance(status, RunStatus):
+        return status
+    if isinstance(status, str):
+        return RunStatus(status)
+    return [RunStatus(s) for s in status]
+
+
 class Storno:
     """A storno application: a store, the sagas and steps it knows, and its workers.
 
@@ -413,16 +424,28 @@ class Storno:
     async def list_runs(
         self,
         *,
-        status: RunStatus | str | None = None,
+        status: RunStatus | str | Iterable[RunStatus | str] | None = None,
         saga: str | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[RunInfo]:
-        """Runs, newest first (without their histories)."""
+        """Runs, newest first (without their histories): at most ``limit`` (100 unless
+        given), skipping the first ``offset``. ``status`` is one status or several (any of
+        them). Page on with ``offset``; :meth:`count_runs` says how many there are in all."""
         await self.open()
-        wanted = RunStatus(status) if status is not None else None
+        wanted = _statuses(status)
         records = await self.store.list_runs(status=wanted, saga=saga, limit=limit, offset=offset)
         return [describe_run(r) for r in records]
+
+    async def count_runs(
+        self,
+        *,
+        status: RunStatus | str | Iterable[RunStatus | str] | None = None,
+        saga: str | None = None,
+    ) -> int:
+        """How many runs :meth:`list_runs` with the same filters lists, without its limit."""
+        await self.open()
+        return await self.store.count_runs(status=_statuses(status), saga=saga)
 
     # --- talking to runs ---------------------------------------------------------------
 

@@ -380,28 +380,57 @@ def _summary(run: RunInfo) -> dict[str, Any]:
 
 
 @main.command(name="list")
-@click.option("--status", type=click.Choice([s.value for s in RunStatus]), help="Only these.")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice([s.value for s in RunStatus]),
+    help="Only runs in this status; repeat for several.",
+)
 @click.option("--saga", help="Only runs of this saga.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Skip this many."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
 @_db_option
-def list_(status: str | None, saga: str | None, limit: int, as_json: bool, url: str) -> None:
-    """List runs, newest first."""
+def list_(
+    statuses: tuple[str, ...],
+    saga: str | None,
+    limit: int,
+    offset: int,
+    as_json: bool,
+    url: str,
+) -> None:
+    """List runs, newest first; says how many there are when it shows only some."""
+    status = list(statuses) or None
 
-    async def fetch() -> list[RunInfo]:
+    async def fetch() -> tuple[list[RunInfo], int]:
         async with await _opened(url) as app:
-            return await app.list_runs(status=status, saga=saga, limit=limit)
+            runs = await app.list_runs(status=status, saga=saga, limit=limit, offset=offset)
+            if offset == 0 and len(runs) < limit:
+                return runs, len(runs)  # all of them: no need to count
+            return runs, await app.count_runs(status=status, saga=saga)
 
-    runs = asyncio.run(fetch())
+    runs, total = asyncio.run(fetch())
+    shown = offset > 0 or total > len(runs)
     if as_json:
-        _echo_json([_summary(r) for r in runs])
+        page = {"total": total, "offset": offset, "limit": limit, "truncated": shown}
+        _echo_json({"runs": [_summary(r) for r in runs], **page})
         return
     rows = [("ID", "SAGA", "STATUS", "CREATED (UTC)", "UPDATED (UTC)")]
     rows += [(r.run_id, r.saga, r.status.value, _ts(r.created_at), _ts(r.updated_at)) for r in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
+    for row in rows if runs else []:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    if not runs:
+    if shown:
+        where = f"runs {offset + 1}-{offset + len(runs)}" if runs else f"none after {offset}"
+        more = offset + len(runs) < total
+        click.echo(
+            f"({len(runs)} of {total} shown: {where}, newest first"
+            + (f"; --offset {offset + len(runs)} shows the next)" if more else ")")
+        )
+    elif not runs:
         click.echo("(no runs)")
 
 

@@ -146,12 +146,18 @@ class Store(abc.ABC):
     async def list_runs(
         self,
         *,
-        status: RunStatus | None = None,
+        status: RunStatus | Sequence[RunStatus] | None = None,
         saga: str | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[RunRecord]:
-        """Runs, newest first, optionally filtered."""
+        """Runs, newest first, optionally filtered (``status``: one, or any of several)."""
+
+    @abc.abstractmethod
+    async def count_runs(
+        self, *, status: RunStatus | Sequence[RunStatus] | None = None, saga: str | None = None
+    ) -> int:
+        """How many runs :meth:`list_runs` with these filters would list without a limit."""
 
     async def history(self, run_id: str) -> list[Event]:
         """The run's whole history in order."""

@@ -313,7 +313,7 @@ class SQLiteStore(Store):
     async def list_runs(
         self,
         *,
-        status: RunStatus | None = None,
+        status: RunStatus | Sequence[RunStatus] | None = None,
         saga: str | None = None,
         limit: int = 100,
         offset: int = 0,
@@ -325,6 +325,13 @@ class SQLiteStore(Store):
             return [run_from_row(r) for r in conn.execute(sql, (*params, limit, offset))]
 
         return await self._read(fn)
+
+    async def count_runs(
+        self, *, status: RunStatus | Sequence[RunStatus] | None = None, saga: str | None = None
+    ) -> int:
+        where, params = run_filters(status, saga, "?")
+        sql = f"SELECT COUNT(*) FROM storno_runs {where}"
+        return await self._read(lambda conn: int(conn.execute(sql, params).fetchone()[0]))
 
     async def histories(self, run_ids: Sequence[str]) -> dict[str, list[Event]]:
         ids = list(dict.fromkeys(run_ids))
