@@ -261,13 +261,11 @@ def test_worker_executes_a_run_and_stops_on_sigterm(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     write_app(tmp_path, "tests_module", url)
-    # The app's own URL wins over $STORNO_URL: the worker must not look at elsewhere.db.
-    env = {**ENV, "STORNO_URL": f"sqlite:///{tmp_path / 'elsewhere.db'}"}
     args = ["worker", "--app", "tests_module:app", "--poll-interval", "0.05"]
     worker = subprocess.Popen(
         [sys.executable, "-m", "storno", *args],
         cwd=tmp_path,
-        env=env,
+        env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -294,13 +292,35 @@ def test_worker_executes_a_run_and_stops_on_sigterm(
     assert "run run-1: picked up" in err
     assert "run run-1: completed" in err
     assert err.rstrip().endswith("stopped")
-    assert not (tmp_path / "elsewhere.db").exists()
 
 
-def test_worker_db_option_overrides_the_app_url(tmp_path: Path) -> None:
-    write_app(tmp_path, "db_override_app", "sqlite:///app.db")
-    other = f"sqlite:///{tmp_path / 'other.db'}"
-    args = ["worker", "--app", "db_override_app:app", "--db", other]
+@pytest.mark.parametrize("given", ["--db", "STORNO_URL"])
+def test_worker_refuses_when_the_app_url_and_the_command_url_disagree(
+    tmp_path: Path, given: str
+) -> None:
+    write_app(tmp_path, "pinned_app", "sqlite:///app.db")
+    other = "postgresql://ops:hunter2@db.internal/app?schema=storno"
+    args = ["worker", "--app", "pinned_app:app"]
+    env = dict(ENV)
+    if given == "--db":
+        args += ["--db", other]
+    else:
+        env["STORNO_URL"] = other
+
+    done = cli(*args, cwd=tmp_path, env=env)
+
+    assert done.returncode == 1, done.stderr
+    where = "--db" if given == "--db" else "$STORNO_URL"
+    says = f"pinned_app:app names its database in its code (sqlite:///app.db) but {where} says"
+    assert says in done.stderr
+    assert "postgresql://ops:***@db.internal/app?schema=storno" in done.stderr
+    assert "hunter2" not in done.stderr
+    assert not (tmp_path / "app.db").exists()
+
+
+def test_worker_accepts_the_same_database_written_two_ways(tmp_path: Path) -> None:
+    write_app(tmp_path, "same_app", "sqlite:///app.db")
+    args = ["worker", "--app", "same_app:app", "--db", f"sqlite:///{tmp_path / 'app.db'}"]
     worker = subprocess.Popen(
         [sys.executable, "-m", "storno", *args],
         cwd=tmp_path,
@@ -317,10 +337,42 @@ def test_worker_db_option_overrides_the_app_url(tmp_path: Path) -> None:
         if worker.poll() is None:
             worker.kill()
             worker.communicate()
+    assert "started on sqlite:///app.db" in first, first + rest
+    assert worker.returncode == 0
+
+
+@pytest.mark.parametrize("given", ["--db", "STORNO_URL"])
+def test_worker_runs_an_app_without_a_url_on_the_command_url(tmp_path: Path, given: str) -> None:
+    (tmp_path / "free_app.py").write_text(
+        textwrap.dedent(APP_MODULE.format(url="").replace("Storno('', ", "Storno("))
+    )
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    args = ["worker", "--app", "free_app:app"]
+    env = dict(ENV)
+    if given == "--db":
+        args += ["--db", other]
+    else:
+        env["STORNO_URL"] = other
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "storno", *args],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stderr is not None
+        first = worker.stderr.readline()  # blocks until the worker has started (or died)
+        worker.send_signal(signal.SIGINT)
+        rest = worker.communicate(timeout=20)[1]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
     assert f"started on {other}" in first, first + rest
     assert worker.returncode == 0
     assert (tmp_path / "other.db").exists()
-    assert not (tmp_path / "app.db").exists()
+    assert not (tmp_path / "storno.db").exists()
 
 
 @pytest.mark.parametrize(

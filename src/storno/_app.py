@@ -90,7 +90,9 @@ def _statuses(
 class Storno:
     """A storno application: a store, the sagas and steps it knows, and its workers.
 
-    ``url`` defaults to ``$STORNO_URL``, else ``sqlite:///storno.db`` in the working folder.
+    ``url`` defaults to ``$STORNO_URL``, else ``sqlite:///storno.db`` in the working folder;
+    ``url_source`` says which (``"argument"``, ``"STORNO_URL"`` or ``"default"``). Leave it
+    out in an application that ``storno worker --app`` runs, so that the environment decides.
     Use it as ``async with Storno(url, sagas=[...]) as app:``.
     """
 
@@ -104,7 +106,11 @@ class Storno:
         lease_seconds: float | timedelta = 30.0,
         clock: Clock | None = None,
     ) -> None:
-        self.url = url or os.environ.get("STORNO_URL") or DEFAULT_URL
+        env = os.environ.get("STORNO_URL")
+        self.url = url or env or DEFAULT_URL
+        # Where the URL came from: `storno worker` and `serve` refuse a URL written in the
+        # code that their --db or $STORNO_URL contradicts, and re-point the others.
+        self.url_source = "argument" if url else "STORNO_URL" if env else "default"
         self.store: Store = open_store(self.url)
         if max_payload_bytes < 1024:
             raise ConfigurationError(

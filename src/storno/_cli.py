@@ -26,9 +26,10 @@ from storno._errors import StornoError
 from storno._model import Lease, RunRecord, RunStatus
 from storno._server._logging import configure_logging
 from storno._store import open_store
-from storno._store._migrations import redact
+from storno._store._migrations import backend_of, redact
 from storno._store._migrations import status as schema_status
 from storno._store._sqlite import SQLiteStore
+from storno._store._sqlite_connection import parse_sqlite_url
 from storno._views import HistoryEvent, RunInfo
 from storno._worker import Worker
 
@@ -298,6 +299,43 @@ def _load_app(ref: str) -> Storno:
     return found
 
 
+def _same_database(a: str, b: str) -> bool:
+    """Whether two URLs name one database (SQLite paths compared once resolved)."""
+    if a == b:
+        return True
+    if backend_of(a) == backend_of(b) == "sqlite":
+        return parse_sqlite_url(a)[0].resolve() == parse_sqlite_url(b)[0].resolve()
+    return False
+
+
+def _point_at(app: Storno, ref: str, url: str) -> None:
+    """Make ``app`` use the database the command was given (``--db``, else ``$STORNO_URL``),
+    or refuse to go on when the application's code names another one.
+
+    A URL written in ``Storno(...)`` and a different one in the environment would otherwise
+    leave the worker on one database while `storno list` reads the other.
+    """
+    source = click.get_current_context().get_parameter_source("url")
+    if source is click.core.ParameterSource.COMMANDLINE:
+        where = "--db"
+    elif source is click.core.ParameterSource.ENVIRONMENT:
+        where = "$STORNO_URL"
+    else:
+        return  # the command names no database: the application's own URL it is
+    if app.url_source == "argument":
+        if not _same_database(app.url, url):
+            raise click.ClickException(
+                f"{ref} names its database in its code ({redact(app.url)}) but {where} says "
+                f"{redact(url)}; refusing to start on one while the other is meant. Write "
+                f"Storno(sagas=[...]) without a URL so that {where} decides, or make them "
+                f"the same"
+            )
+        return
+    if app.url != url:
+        # Safe before the app is opened: the store connects on open().
+        app.url, app.store = url, open_store(url)
+
+
 class _LoggingWorker(Worker):
     """A worker that logs each run it picks up and how it left it.
 
@@ -346,9 +384,7 @@ async def _work(app: Storno, concurrency: int, worker_id: str | None, poll: floa
     "--poll-interval", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True
 )
 @_db_option
-@click.pass_context
 def worker(
-    ctx: click.Context,
     app_ref: str,
     concurrency: int,
     worker_id: str | None,
@@ -358,14 +394,13 @@ def worker(
     """Execute runs of the application's sagas until SIGINT or SIGTERM.
 
     MODULE:ATTR names a storno.Storno instance (or a function returning one); the current
-    folder is importable. The application's own URL is used unless --db is given on the
-    command line, which wins ($STORNO_URL is read by Storno() itself when the code gives none).
+    folder is importable. The database is --db, else $STORNO_URL, else the application's
+    own; an application whose code names a URL refuses to start when --db or $STORNO_URL
+    names another.
     """
     configure_logging("text")  # escapes control characters: a run's text cannot forge lines
     app = _load_app(app_ref)
-    if ctx.get_parameter_source("url") is click.core.ParameterSource.COMMANDLINE:
-        # Safe before the app is opened: the store connects on open().
-        app.url, app.store = url, open_store(url)
+    _point_at(app, app_ref, url)
     asyncio.run(_work(app, concurrency, worker_id, poll_interval))
 
 
