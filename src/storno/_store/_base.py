@@ -244,9 +244,10 @@ class Store(abc.ABC):
 
         ``sagas`` limits the claim to runs of sagas this worker can execute.
 
-        ``include_own`` also takes runs still leased to ``owner`` except those in ``exclude``
-        (the ones it already executes): a restarted worker with a stable id resumes its dead
-        predecessor's runs at once instead of waiting for their leases to expire.
+        ``include_own`` also takes runs still leased to ``owner``: a restarted worker with a
+        stable id resumes its dead predecessor's runs at once instead of waiting for their
+        leases to expire. Runs in ``exclude`` (the ones the worker already executes) are
+        never taken.
 
         ``limits`` caps, per saga name, how many runs of that saga all workers together may
         execute at once (running or compensating under a live lease): the claim counts them

@@ -151,7 +151,7 @@ def redact(url: str) -> str:
 
 
 def _sqlite_status(url: str) -> SchemaStatus:
-    from storno._store._sqlite_connection import parse_sqlite_url
+    from storno._store._sqlite_connection import parse_sqlite_url, sqlite_error
 
     path, _ = parse_sqlite_url(url)
     if not path.exists():
@@ -159,6 +159,11 @@ def _sqlite_status(url: str) -> SchemaStatus:
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
+            # A damaged file can still hold a readable version table: check the file first.
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                found = sqlite3.DatabaseError("; ".join(p.replace("\n", "; ") for p in problems))
+                raise sqlite_error(found, path, "read", code=sqlite3.SQLITE_CORRUPT)
             has_table = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'storno_schema'"
             ).fetchone()
@@ -175,12 +180,17 @@ def _sqlite_status(url: str) -> SchemaStatus:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot read SQLite database {str(path)!r}: {exc}") from exc
+        raise sqlite_error(exc, path, "read") from exc
     return status_of("sqlite", url, applied)
 
 
 def _sqlite_upgrade(url: str) -> None:
-    from storno._store._sqlite_connection import migrate, need_folder, parse_sqlite_url
+    from storno._store._sqlite_connection import (
+        migrate,
+        need_folder,
+        parse_sqlite_url,
+        sqlite_error,
+    )
 
     path, _ = parse_sqlite_url(url)
     need_folder(path)
@@ -191,7 +201,7 @@ def _sqlite_upgrade(url: str) -> None:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot migrate SQLite database {str(path)!r}: {exc}") from exc
+        raise sqlite_error(exc, path, "migration") from exc
 
 
 # --- both -------------------------------------------------------------------------------

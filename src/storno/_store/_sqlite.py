@@ -42,6 +42,7 @@ from storno._store._sqlite_connection import (
     migrate,
     need_folder,
     parse_sqlite_url,
+    sqlite_error,
 )
 
 __all__ = ["SQLiteStore", "migrate", "parse_sqlite_url"]
@@ -249,7 +250,7 @@ class SQLiteStore(Store):
         try:
             conn = await asyncio.to_thread(setup)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open SQLite database {str(self.path)!r}: {exc}") from exc
+            raise sqlite_error(exc, self.path, "open") from exc
         self._writer = Writer(self.path, self.synchronous)
         self._writer.start()
         self._writer.bind(asyncio.get_running_loop(), conn)
@@ -289,7 +290,7 @@ class SQLiteStore(Store):
             try:
                 return fn(self._reader())
             except sqlite3.Error as exc:
-                raise StoreError(f"SQLite read failed: {exc}") from exc
+                raise sqlite_error(exc, self.path, "read") from exc
 
         return await asyncio.to_thread(run)
 
