@@ -127,7 +127,7 @@ def serve(
     except ImportError as exc:
         raise click.ClickException(
             f"the server needs the storno[server] extra ({exc.name} is missing): "
-            f"pip install 'storno[server]'"
+            f"install storno with it, e.g. pip install './storno[server]' from a checkout"
         ) from exc
     tokens = TokenStore.from_sources(files=tokens_files)
     if insecure_open:
@@ -159,7 +159,8 @@ def serve(
             tracing = Tracing()
         except ImportError as exc:
             raise click.ClickException(
-                "--otel needs the storno[otel] extra: pip install 'storno[otel]'"
+                "--otel needs the storno[otel] extra: install storno with it, e.g. "
+                "pip install './storno[otel]' from a checkout"
             ) from exc
     api = create_app(
         app,
