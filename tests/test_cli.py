@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -141,15 +142,40 @@ def demo_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, list[s
 def test_list_shows_the_runs(demo_db: tuple[Path, str, list[str]]) -> None:
     folder, url, (completed, compensated) = demo_db
 
-    runs = cli_json("list", "--db", url, cwd=folder)
+    listed = cli_json("list", "--db", url, cwd=folder)
+    runs = listed["runs"]
     assert {r["id"] for r in runs} == {completed, compensated}
     assert all(r["saga"] == "booking" for r in runs)
-    only = cli_json("list", "--status", "compensated", "--db", url, cwd=folder)
+    assert (listed["total"], listed["offset"], listed["truncated"]) == (2, 0, False)
+    only = cli_json("list", "--status", "compensated", "--db", url, cwd=folder)["runs"]
     assert [r["id"] for r in only] == [compensated]
 
     table = cli("list", "--db", url, cwd=folder)
     assert table.returncode == 0, table.stderr
     assert completed in table.stdout and compensated in table.stdout
+
+
+def test_list_takes_several_statuses_pages_on_and_says_how_many_it_shows(
+    demo_db: tuple[Path, str, list[str]],
+) -> None:
+    folder, url, (completed, compensated) = demo_db
+
+    both = cli_json(
+        "list", "--status", "completed", "--status", "compensated", "--db", url, cwd=folder
+    )
+    assert {r["id"] for r in both["runs"]} == {completed, compensated}
+    first = cli_json("list", "--limit", "1", "--db", url, cwd=folder)
+    assert [r["id"] for r in first["runs"]] == [compensated]  # newest first
+    assert (first["total"], first["limit"], first["truncated"]) == (2, 1, True)
+    second = cli_json("list", "--limit", "1", "--offset", "1", "--db", url, cwd=folder)
+    assert [r["id"] for r in second["runs"]] == [completed]
+    assert (second["total"], second["offset"], second["truncated"]) == (2, 1, True)
+
+    table = cli("list", "--limit", "1", "--db", url, cwd=folder)
+    assert table.returncode == 0, table.stderr
+    assert "1 of 2 shown" in table.stdout and "--offset 1 shows the next" in table.stdout
+    whole = cli("list", "--db", url, cwd=folder)
+    assert "shown" not in whole.stdout
 
 
 def test_show_prints_the_timeline(demo_db: tuple[Path, str, list[str]]) -> None:
@@ -188,6 +214,27 @@ def test_list_does_not_create_a_missing_database(tmp_path: Path) -> None:
     assert not (tmp_path / "missing.db").exists()
 
 
+@pytest.mark.parametrize("kind", ["empty", "other tables"])
+@pytest.mark.parametrize("command", [["list"], ["show", "r1"], ["stuck"], ["dead-letters"]])
+def test_read_commands_refuse_a_sqlite_file_that_is_not_a_storno_database(
+    tmp_path: Path, kind: str, command: list[str]
+) -> None:
+    path = tmp_path / "notes.db"
+    path.touch()
+    if kind == "other tables":
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE notes (body TEXT)")
+    before = path.read_bytes()
+
+    done = cli(*command, "--db", f"sqlite:///{path}", cwd=tmp_path)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{str(path)!r} is not a storno database" in done.stderr
+    assert ("an empty file" if kind == "empty" else "no storno tables") in done.stderr
+    assert path.read_bytes() == before  # no storno table was added
+    assert not (tmp_path / "notes.db-wal").exists()
+
+
 # --- worker ------------------------------------------------------------------------------
 
 APP_MODULE = """
@@ -214,13 +261,11 @@ def test_worker_executes_a_run_and_stops_on_sigterm(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     write_app(tmp_path, "tests_module", url)
-    # The app's own URL wins over $STORNO_URL: the worker must not look at elsewhere.db.
-    env = {**ENV, "STORNO_URL": f"sqlite:///{tmp_path / 'elsewhere.db'}"}
     args = ["worker", "--app", "tests_module:app", "--poll-interval", "0.05"]
     worker = subprocess.Popen(
         [sys.executable, "-m", "storno", *args],
         cwd=tmp_path,
-        env=env,
+        env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -247,13 +292,35 @@ def test_worker_executes_a_run_and_stops_on_sigterm(
     assert "run run-1: picked up" in err
     assert "run run-1: completed" in err
     assert err.rstrip().endswith("stopped")
-    assert not (tmp_path / "elsewhere.db").exists()
 
 
-def test_worker_db_option_overrides_the_app_url(tmp_path: Path) -> None:
-    write_app(tmp_path, "db_override_app", "sqlite:///app.db")
-    other = f"sqlite:///{tmp_path / 'other.db'}"
-    args = ["worker", "--app", "db_override_app:app", "--db", other]
+@pytest.mark.parametrize("given", ["--db", "STORNO_URL"])
+def test_worker_refuses_when_the_app_url_and_the_command_url_disagree(
+    tmp_path: Path, given: str
+) -> None:
+    write_app(tmp_path, "pinned_app", "sqlite:///app.db")
+    other = "postgresql://ops:hunter2@db.internal/app?schema=storno"
+    args = ["worker", "--app", "pinned_app:app"]
+    env = dict(ENV)
+    if given == "--db":
+        args += ["--db", other]
+    else:
+        env["STORNO_URL"] = other
+
+    done = cli(*args, cwd=tmp_path, env=env)
+
+    assert done.returncode == 1, done.stderr
+    where = "--db" if given == "--db" else "$STORNO_URL"
+    says = f"pinned_app:app names its database in its code (sqlite:///app.db) but {where} says"
+    assert says in done.stderr
+    assert "postgresql://ops:***@db.internal/app?schema=storno" in done.stderr
+    assert "hunter2" not in done.stderr
+    assert not (tmp_path / "app.db").exists()
+
+
+def test_worker_accepts_the_same_database_written_two_ways(tmp_path: Path) -> None:
+    write_app(tmp_path, "same_app", "sqlite:///app.db")
+    args = ["worker", "--app", "same_app:app", "--db", f"sqlite:///{tmp_path / 'app.db'}"]
     worker = subprocess.Popen(
         [sys.executable, "-m", "storno", *args],
         cwd=tmp_path,
@@ -270,10 +337,42 @@ def test_worker_db_option_overrides_the_app_url(tmp_path: Path) -> None:
         if worker.poll() is None:
             worker.kill()
             worker.communicate()
+    assert "started on sqlite:///app.db" in first, first + rest
+    assert worker.returncode == 0
+
+
+@pytest.mark.parametrize("given", ["--db", "STORNO_URL"])
+def test_worker_runs_an_app_without_a_url_on_the_command_url(tmp_path: Path, given: str) -> None:
+    (tmp_path / "free_app.py").write_text(
+        textwrap.dedent(APP_MODULE.format(url="").replace("Storno('', ", "Storno("))
+    )
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    args = ["worker", "--app", "free_app:app"]
+    env = dict(ENV)
+    if given == "--db":
+        args += ["--db", other]
+    else:
+        env["STORNO_URL"] = other
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "storno", *args],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stderr is not None
+        first = worker.stderr.readline()  # blocks until the worker has started (or died)
+        worker.send_signal(signal.SIGINT)
+        rest = worker.communicate(timeout=20)[1]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
     assert f"started on {other}" in first, first + rest
     assert worker.returncode == 0
     assert (tmp_path / "other.db").exists()
-    assert not (tmp_path / "app.db").exists()
+    assert not (tmp_path / "storno.db").exists()
 
 
 @pytest.mark.parametrize(
@@ -316,3 +415,67 @@ def test_the_examples_in_docs_cli_md_run(tmp_path: Path) -> None:
     assert "exit code 1" in done.stdout  # storno show no-such-run
     assert "hello ada" in done.stdout  # the run the worker executed
     assert "run " in done.stderr and ": completed" in done.stderr
+
+
+# --- the worker's log ----------------------------------------------------------------------
+
+FORGED = "2030-01-01 00:00:00,000 INFO run forged: completed"
+DEAD_LETTER_APP = f"""
+import storno
+
+@storno.step(kind="compensable")
+def reserve(ctx: storno.StepContext) -> str:
+    return "held"
+
+@reserve.compensation
+def release(ctx: storno.CompensationContext[str]) -> None:
+    raise storno.TerminalError("release API down\\n{FORGED}")
+
+@storno.step(kind="compensable", compensate=lambda ctx: None)
+def decline(ctx: storno.StepContext) -> None:
+    raise storno.TerminalError("declined\\r\\n{FORGED}")
+
+@storno.saga
+async def doomed(ctx: storno.SagaContext) -> None:
+    await ctx.step(reserve)
+    await ctx.step(decline)
+
+app = storno.Storno(sagas=[doomed])
+"""
+
+
+def test_worker_logs_a_dead_letter_as_an_error_on_one_line(tmp_path: Path) -> None:
+    import storno
+
+    (tmp_path / "doomed_app.py").write_text(DEAD_LETTER_APP)
+    url = f"sqlite:///{tmp_path / 'storno.db'}"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "storno", "worker", "--app", "doomed_app:app", "--db", url],
+        cwd=tmp_path,
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        sys.path.insert(0, str(tmp_path))
+        module = importlib.import_module("doomed_app")
+
+        async def start_and_wait() -> None:
+            async with storno.Storno(url, sagas=[module.doomed]) as app:
+                handle = await app.start(module.doomed.options(run_id="doomed-1"))
+                with pytest.raises(storno.CompensationFailedError):
+                    await handle.result(timeout=20)
+
+        asyncio.run(start_and_wait())
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=20)
+    finally:
+        sys.path.remove(str(tmp_path))
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    lines = err.splitlines()
+    assert not [line for line in lines if line.startswith(FORGED[:19])], err
+    [dead] = [line for line in lines if "run doomed-1: compensation_failed" in line]
+    assert " ERROR run doomed-1" in dead, err
+    assert "release API down\\n2030-01-01" in dead

@@ -26,3 +26,15 @@ def test_example_runs(code: str, tmp_path: Path):
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_no_page_installs_storno_from_a_package_index():
+    """storno is not published: every install line names a checkout or a built wheel."""
+    pattern = re.compile(r"pip install\s+(?:-\S+\s+)*['\"]?storno\b")
+    wrong = [
+        f"{page.name}: {line.strip()}"
+        for page in PAGES
+        for line in page.read_text().splitlines()
+        if pattern.search(line)
+    ]
+    assert not wrong, wrong

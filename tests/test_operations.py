@@ -225,3 +225,26 @@ async def test_listeners_see_every_event_made_durable_in_order(db_url: str) -> N
     assert [(r, s, t) for r, s, t in seen] == [
         (handle.run_id, e.seq, e.type) for e in history if e.type != "run_created"
     ]
+
+
+async def test_list_runs_pages_on_and_counts_with_several_statuses(
+    app: storno.Storno,
+) -> None:
+    # No worker runs here: every run stays pending.
+    saga = reservation.options
+    ids = [(await app.start(saga(run_id=f"r{i:03d}"))).run_id for i in range(7)]
+    assert await app.count_runs() == 7
+    assert await app.count_runs(status="pending") == 7
+    assert await app.count_runs(status=["pending", "completed"], saga="reservation") == 7
+    assert await app.count_runs(status=[]) == 0
+    assert await app.count_runs(status="completed") == 0
+    assert await app.count_runs(saga="other") == 0
+    first = await app.list_runs(limit=3)
+    second = await app.list_runs(limit=3, offset=3)
+    rest = await app.list_runs(offset=6)
+    listed = [r.run_id for r in first + second + rest]
+    assert sorted(listed) == ids and len(set(listed)) == 7
+    assert len(await app.list_runs(status=[storno.RunStatus.PENDING, "completed"])) == 7
+    assert await app.list_runs(status=["completed", "compensated"]) == []
+    with pytest.raises(ValueError, match="bogus"):
+        await app.list_runs(status=["pending", "bogus"])

@@ -109,7 +109,7 @@ def test_missing_driver_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.setitem(sys.modules, name, None)  # makes `import psycopg` fail
     for module in ("storno._store._postgres", "storno._store._postgres_connection"):
         monkeypatch.delitem(sys.modules, module, raising=False)  # imported anew, or never yet
-    with pytest.raises(storno.ConfigurationError, match=r"pip install 'storno\[postgres\]'"):
+    with pytest.raises(storno.ConfigurationError, match=r"pip install './storno\[postgres\]'"):
         storno.Storno("postgresql://localhost/test")
 
 

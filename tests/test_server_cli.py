@@ -121,3 +121,13 @@ def test_stuck_command(tmp_path: Path):
 def test_help_lists_the_commands(flag: str):
     out = run([flag]).stdout
     assert "serve" in out and "stuck" in out
+
+
+def test_serve_refuses_when_the_app_url_and_db_disagree(tmp_path: Path):
+    (tmp_path / "pinned.py").write_text("import storno\napp = storno.Storno('sqlite:///a.db')\n")
+    other = f"sqlite:///{tmp_path / 'b.db'}"
+    done = run(["serve", "--app", "pinned:app", "--db", other, "--insecure-open"], cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "pinned:app names its database in its code (sqlite:///a.db)" in done.stderr
+    assert f"--db says {other}" in done.stderr
+    assert not (tmp_path / "a.db").exists() and not (tmp_path / "b.db").exists()

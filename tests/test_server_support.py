@@ -323,3 +323,34 @@ def test_stuck_rule():
 def serve_app() -> storno.Storno:
     """The application ``storno serve --app test_server_support:serve_app`` serves."""
     return storno.Storno(sagas=SAGAS, steps=[book_slot, send_sms])
+
+
+def test_text_logs_escape_control_characters_so_no_line_can_be_forged() -> None:
+    import io
+    import logging
+
+    from storno._model import Event, EventType, RunRecord, RunStatus
+    from storno._server._logging import EventLog, TextFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("test.forged")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    forged = "2030-01-01 00:00:00,000 INFO storno ok"
+    record = RunRecord("r\n1", f"saga\r{forged}", RunStatus.RUNNING, "{}", 0.0, 0.0)
+    error = {"type": "TerminalError", "message": f"refused\n{forged}\x1b[2J\u2028{forged}"}
+    event = Event(3, EventType.STEP_FAILED, 0.0, 1, {"step": f"s\n{forged}", "error": error})
+    EventLog(logger)(record, [event])
+    logger.info("argument %s", f"x\n{forged}")
+    try:
+        raise ValueError(f"boom\n{forged}")
+    except ValueError:
+        logger.exception("failed")
+    lines = stream.getvalue().splitlines()
+    assert not [line for line in lines if line.startswith(forged[:19])], lines
+    assert "refused\\n2030" in lines[0] and "\\x1b[2J\\u2028" in lines[0]
+    assert "step=s\\n2030" in lines[0] and "run_id=r\\n1" in lines[0]
+    assert lines[1].endswith("argument x\\n2030-01-01 00:00:00,000 INFO storno ok")
+    assert all(line.startswith("    ") for line in lines[3:])  # the traceback, indented

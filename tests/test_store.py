@@ -146,7 +146,8 @@ async def test_a_failed_write_is_undone_alone_in_its_shared_commit(tmp_path: Pat
             return_exceptions=True,
         )  # fmt: skip
         assert results[0] == 0
-        assert isinstance(results[1], sqlite3.IntegrityError)
+        assert isinstance(results[1], storno.StoreError)  # naming SQLite's error, its cause
+        assert isinstance(results[1].__cause__, sqlite3.IntegrityError)
         assert isinstance(results[2], storno.LeaseLostError)
         assert [e.seq for e in await store.history("good")] == [0, 1]
         assert [e.seq for e in await store.history("bad")] == [0]

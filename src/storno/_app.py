@@ -79,10 +79,23 @@ _FAILURES: Mapping[RunStatus, type[RunFailedError]] = {
 }
 
 
+def _statuses(
+    status: RunStatus | str | Iterable[RunStatus | str] | None,
+) -> RunStatus | list[RunStatus] | None:
+    """A listing's status filter as the store takes it; an unknown name raises ValueError."""
+    if status is None or isinstance(status, RunStatus):
+        return status
+    if isinstance(status, str):
+        return RunStatus(status)
+    return [RunStatus(s) for s in status]
+
+
 class Storno:
     """A storno application: a store, the sagas and steps it knows, and its workers.
 
-    ``url`` defaults to ``$STORNO_URL``, else ``sqlite:///storno.db`` in the working folder.
+    ``url`` defaults to ``$STORNO_URL``, else ``sqlite:///storno.db`` in the working folder;
+    ``url_source`` says which (``"argument"``, ``"STORNO_URL"`` or ``"default"``). Leave it
+    out in an application that ``storno worker --app`` runs, so that the environment decides.
     Use it as ``async with Storno(url, sagas=[...]) as app:``.
     """
 
@@ -96,7 +109,11 @@ class Storno:
         lease_seconds: float | timedelta = 30.0,
         clock: Clock | None = None,
     ) -> None:
-        self.url = url or os.environ.get("STORNO_URL") or DEFAULT_URL
+        env = os.environ.get("STORNO_URL")
+        self.url = url or env or DEFAULT_URL
+        # Where the URL came from: `storno worker` and `serve` refuse a URL written in the
+        # code that their --db or $STORNO_URL contradicts, and re-point the others.
+        self.url_source = "argument" if url else "STORNO_URL" if env else "default"
         self.store: Store = open_store(self.url)
         if max_payload_bytes < 1024:
             raise ConfigurationError(
@@ -418,16 +435,28 @@ class Storno:
     async def list_runs(
         self,
         *,
-        status: RunStatus | str | None = None,
+        status: RunStatus | str | Iterable[RunStatus | str] | None = None,
         saga: str | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[RunInfo]:
-        """Runs, newest first (without their histories)."""
+        """Runs, newest first (without their histories): at most ``limit`` (100 unless
+        given), skipping the first ``offset``. ``status`` is one status or several (any of
+        them). Page on with ``offset``; :meth:`count_runs` says how many there are in all."""
         await self.open()
-        wanted = RunStatus(status) if status is not None else None
+        wanted = _statuses(status)
         records = await self.store.list_runs(status=wanted, saga=saga, limit=limit, offset=offset)
         return [describe_run(r) for r in records]
+
+    async def count_runs(
+        self,
+        *,
+        status: RunStatus | str | Iterable[RunStatus | str] | None = None,
+        saga: str | None = None,
+    ) -> int:
+        """How many runs :meth:`list_runs` with the same filters lists, without its limit."""
+        await self.open()
+        return await self.store.count_runs(status=_statuses(status), saga=saga)
 
     # --- talking to runs ---------------------------------------------------------------
 

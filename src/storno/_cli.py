@@ -24,10 +24,12 @@ from storno._app import DEFAULT_URL, ENDED, Storno
 from storno._demo import STEP_NAMES, render_ledgers, run_demo
 from storno._errors import StornoError
 from storno._model import Lease, RunRecord, RunStatus
+from storno._server._logging import configure_logging
 from storno._store import open_store
-from storno._store._migrations import redact
-from storno._store._postgres import PostgresStore
+from storno._store._migrations import backend_of, redact
+from storno._store._migrations import status as schema_status
 from storno._store._sqlite import SQLiteStore
+from storno._store._sqlite_connection import parse_sqlite_url
 from storno._views import HistoryEvent, RunInfo
 from storno._worker import Worker
 
@@ -35,6 +37,9 @@ __all__ = ["main", "render_run"]
 
 log = logging.getLogger("storno.cli")
 _COMPENSATING = (RunStatus.COMPENSATING, RunStatus.COMPENSATED, RunStatus.COMPENSATION_FAILED)
+# Logged at ERROR, as `storno serve` logs them: a dead letter or a parked run waits for a
+# person, and alerts watch for errors; a compensated run is the saga working as designed.
+_NEEDS_A_PERSON = (RunStatus.COMPENSATION_FAILED, RunStatus.NEEDS_ATTENTION)
 
 
 # --- the timeline ------------------------------------------------------------------------
@@ -202,7 +207,7 @@ _db_option = click.option(
 
 def _existing(url: str) -> Storno:
     """An application for reading runs; refuses to create a database file that is not there
-    (:func:`_opened` also checks a PostgreSQL schema)."""
+    (:func:`_opened` also checks that the database holds storno's tables)."""
     app = Storno(url)
     if isinstance(app.store, SQLiteStore) and not app.store.path.exists():
         raise click.ClickException(
@@ -213,16 +218,24 @@ def _existing(url: str) -> Storno:
 
 
 async def _opened(url: str) -> Storno:
-    """:func:`_existing`, opened, after checking that a PostgreSQL URL names a storno schema
-    (opening would create a mistyped one)."""
+    """:func:`_existing`, opened, after checking that the database holds storno's tables:
+    opening would add them to a mistyped PostgreSQL schema or to any SQLite file."""
     app = _existing(url)
-    if isinstance(app.store, PostgresStore) and not (await app.store.schema_status()).exists:
+    info = await schema_status(url)
+    if info.exists:
+        await app.open()
+        return app
+    if isinstance(app.store, SQLiteStore):
+        path = str(app.store.path)
+        what = "an empty file" if app.store.path.stat().st_size == 0 else "it has no storno tables"
         raise click.ClickException(
-            f"no storno tables at {redact(url)}; pass the --db URL your application uses, or "
-            f"create them with `storno db upgrade`"
+            f"{path!r} is not a storno database ({what}; from --db {redact(url)}); read "
+            f"commands leave it as it is. Pass the --db URL your application uses"
         )
-    await app.open()
-    return app
+    raise click.ClickException(
+        f"no storno tables at {redact(url)}; pass the --db URL your application uses, or "
+        f"create them with `storno db upgrade`"
+    )
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -299,6 +312,43 @@ def _load_app(ref: str) -> Storno:
     return found
 
 
+def _same_database(a: str, b: str) -> bool:
+    """Whether two URLs name one database (SQLite paths compared once resolved)."""
+    if a == b:
+        return True
+    if backend_of(a) == backend_of(b) == "sqlite":
+        return parse_sqlite_url(a)[0].resolve() == parse_sqlite_url(b)[0].resolve()
+    return False
+
+
+def _point_at(app: Storno, ref: str, url: str) -> None:
+    """Make ``app`` use the database the command was given (``--db``, else ``$STORNO_URL``),
+    or refuse to go on when the application's code names another one.
+
+    A URL written in ``Storno(...)`` and a different one in the environment would otherwise
+    leave the worker on one database while `storno list` reads the other.
+    """
+    source = click.get_current_context().get_parameter_source("url")
+    if source is click.core.ParameterSource.COMMANDLINE:
+        where = "--db"
+    elif source is click.core.ParameterSource.ENVIRONMENT:
+        where = "$STORNO_URL"
+    else:
+        return  # the command names no database: the application's own URL it is
+    if app.url_source == "argument":
+        if not _same_database(app.url, url):
+            raise click.ClickException(
+                f"{ref} names its database in its code ({redact(app.url)}) but {where} says "
+                f"{redact(url)}; refusing to start on one while the other is meant. Write "
+                f"Storno(sagas=[...]) without a URL so that {where} decides, or make them "
+                f"the same"
+            )
+        return
+    if app.url != url:
+        # Safe before the app is opened: the store connects on open().
+        app.url, app.store = url, open_store(url)
+
+
 class _LoggingWorker(Worker):
     """A worker that logs each run it picks up and how it left it.
 
@@ -313,7 +363,8 @@ class _LoggingWorker(Worker):
             now = await self.app.store.get_run(record.run_id)
             if now is not None and now.status in ENDED:
                 error = f": {now.error.get('message')}" if now.error else ""
-                log.info("run %s: %s%s", record.run_id, now.status.value, error)
+                level = logging.ERROR if now.status in _NEEDS_A_PERSON else logging.INFO
+                log.log(level, "run %s: %s%s", record.run_id, now.status.value, error)
             elif now is not None:
                 log.info("run %s: left %s, to be resumed", record.run_id, now.status.value)
 
@@ -346,9 +397,7 @@ async def _work(app: Storno, concurrency: int, worker_id: str | None, poll: floa
     "--poll-interval", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True
 )
 @_db_option
-@click.pass_context
 def worker(
-    ctx: click.Context,
     app_ref: str,
     concurrency: int,
     worker_id: str | None,
@@ -358,16 +407,13 @@ def worker(
     """Execute runs of the application's sagas until SIGINT or SIGTERM.
 
     MODULE:ATTR names a storno.Storno instance (or a function returning one); the current
-    folder is importable. The application's own URL is used unless --db is given on the
-    command line, which wins ($STORNO_URL is read by Storno() itself when the code gives none).
+    folder is importable. The database is --db, else $STORNO_URL, else the application's
+    own; an application whose code names a URL refuses to start when --db or $STORNO_URL
+    names another.
     """
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
-    )
+    configure_logging("text")  # escapes control characters: a run's text cannot forge lines
     app = _load_app(app_ref)
-    if ctx.get_parameter_source("url") is click.core.ParameterSource.COMMANDLINE:
-        # Safe before the app is opened: the store connects on open().
-        app.url, app.store = url, open_store(url)
+    _point_at(app, app_ref, url)
     asyncio.run(_work(app, concurrency, worker_id, poll_interval))
 
 
@@ -382,28 +428,57 @@ def _summary(run: RunInfo) -> dict[str, Any]:
 
 
 @main.command(name="list")
-@click.option("--status", type=click.Choice([s.value for s in RunStatus]), help="Only these.")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice([s.value for s in RunStatus]),
+    help="Only runs in this status; repeat for several.",
+)
 @click.option("--saga", help="Only runs of this saga.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Skip this many."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
 @_db_option
-def list_(status: str | None, saga: str | None, limit: int, as_json: bool, url: str) -> None:
-    """List runs, newest first."""
+def list_(
+    statuses: tuple[str, ...],
+    saga: str | None,
+    limit: int,
+    offset: int,
+    as_json: bool,
+    url: str,
+) -> None:
+    """List runs, newest first; says how many there are when it shows only some."""
+    status = list(statuses) or None
 
-    async def fetch() -> list[RunInfo]:
+    async def fetch() -> tuple[list[RunInfo], int]:
         async with await _opened(url) as app:
-            return await app.list_runs(status=status, saga=saga, limit=limit)
+            runs = await app.list_runs(status=status, saga=saga, limit=limit, offset=offset)
+            if offset == 0 and len(runs) < limit:
+                return runs, len(runs)  # all of them: no need to count
+            return runs, await app.count_runs(status=status, saga=saga)
 
-    runs = asyncio.run(fetch())
+    runs, total = asyncio.run(fetch())
+    shown = offset > 0 or total > len(runs)
     if as_json:
-        _echo_json([_summary(r) for r in runs])
+        page = {"total": total, "offset": offset, "limit": limit, "truncated": shown}
+        _echo_json({"runs": [_summary(r) for r in runs], **page})
         return
     rows = [("ID", "SAGA", "STATUS", "CREATED (UTC)", "UPDATED (UTC)")]
     rows += [(r.run_id, r.saga, r.status.value, _ts(r.created_at), _ts(r.updated_at)) for r in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
+    for row in rows if runs else []:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    if not runs:
+    if shown:
+        where = f"runs {offset + 1}-{offset + len(runs)}" if runs else f"none after {offset}"
+        more = offset + len(runs) < total
+        click.echo(
+            f"({len(runs)} of {total} shown: {where}, newest first"
+            + (f"; --offset {offset + len(runs)} shows the next)" if more else ")")
+        )
+    elif not runs:
         click.echo("(no runs)")
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import click
 
 from storno._app import Storno
-from storno._cli import _db_option, _echo_json, _existing, _load_app, _ts
+from storno._cli import _db_option, _echo_json, _load_app, _opened, _point_at, _ts
 from storno._server._stats import parse_duration
-from storno._store import open_store
+from storno._store._migrations import redact
 
 __all__ = ["COMMANDS"]
 
@@ -32,12 +32,13 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
-def _app_for(app_ref: str | None, url: str, url_given: bool) -> Storno:
+def _app_for(app_ref: str | None, url: str) -> Storno:
+    """The application named by --app on the command's database (see `_point_at`), or one
+    without sagas on ``url``."""
     if app_ref is None:
         return Storno(url)
     app = _load_app(app_ref)
-    if url_given:
-        app.url, app.store = url, open_store(url)
+    _point_at(app, app_ref, url)
     return app
 
 
@@ -97,9 +98,7 @@ def _graceful_server() -> type[Any]:
 )
 @click.option("--otel", is_flag=True, help="Write OpenTelemetry spans (storno[otel]).")
 @_db_option
-@click.pass_context
 def serve(
-    ctx: click.Context,
     app_ref: str | None,
     host: str,
     port: int,
@@ -128,7 +127,7 @@ def serve(
     except ImportError as exc:
         raise click.ClickException(
             f"the server needs the storno[server] extra ({exc.name} is missing): "
-            f"pip install 'storno[server]'"
+            f"install storno with it, e.g. pip install './storno[server]' from a checkout"
         ) from exc
     tokens = TokenStore.from_sources(files=tokens_files)
     if insecure_open:
@@ -151,8 +150,7 @@ def serve(
             "serves without tokens on loopback"
         )
     configure_logging(log_format)
-    url_given = ctx.get_parameter_source("url") is click.core.ParameterSource.COMMANDLINE
-    app = _app_for(app_ref, url, url_given)
+    app = _app_for(app_ref, url)
     tracing = None
     if otel:
         try:
@@ -161,7 +159,8 @@ def serve(
             tracing = Tracing()
         except ImportError as exc:
             raise click.ClickException(
-                "--otel needs the storno[otel] extra: pip install 'storno[otel]'"
+                "--otel needs the storno[otel] extra: install storno with it, e.g. "
+                "pip install './storno[otel]' from a checkout"
             ) from exc
     api = create_app(
         app,
@@ -182,7 +181,7 @@ def serve(
     roles = "open on loopback" if tokens.open else f"{len(tokens.tokens)} token(s)"
     log.info(
         "serving %s on http://%s:%d (%s; dashboard /ui/, API /api/v1, OpenAPI /openapi.json)",
-        app.url if "@" not in app.url else app.url.split("@", 1)[1],
+        redact(app.url),
         host,
         port,
         roles,
@@ -228,11 +227,10 @@ def stuck(
     A waiting or scheduled run whose wake time is still ahead is not stuck."""
     from storno._server._stats import find_stuck
 
-    url_given = ctx.get_parameter_source("url") is click.core.ParameterSource.COMMANDLINE
-    app = _existing(url) if app_ref is None else _app_for(app_ref, url, url_given)
+    given = None if app_ref is None else _app_for(app_ref, url)
 
     async def fetch() -> list[Any]:
-        async with app:
+        async with given or await _opened(url) as app:
             return await find_stuck(app, older_than=older_than, default=default, limit=limit)
 
     found = asyncio.run(fetch())

@@ -230,7 +230,9 @@ class Worker:
                 lease_seconds=self.app.lease_seconds,
                 sagas=self.app.saga_names,
                 include_own=inheriting,
-                exclude=list(self._tasks) if inheriting else (),
+                # Never the runs executing here: a lease that lapsed while its renewals failed
+                # (a full disk, a lost connection) must not start a second execution here.
+                exclude=list(self._tasks),
                 limits=self.app.saga_limits,
             )
             histories: dict[str, list[Event]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -21,7 +22,14 @@ from storno._model import Event, EventType, RunRecord
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["AccessLog", "EventLog", "JsonFormatter", "TextFormatter", "configure_logging"]
+__all__ = [
+    "AccessLog",
+    "EventLog",
+    "JsonFormatter",
+    "TextFormatter",
+    "configure_logging",
+    "escape_control",
+]
 
 _FIELDS = (
     "run_id",
@@ -60,20 +68,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
-class TextFormatter(logging.Formatter):
-    """``time level message key=value ...`` for people reading a terminal."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+def escape_control(text: str) -> str:
+    """``text`` with control characters (newlines, escapes, line separators) written as
+    ``\\n``, ``\\x1b`` ...: a message or value can then never start a log line of its own."""
+    return _CONTROL.sub(
+        lambda m: _NAMED.get(m.group(), m.group().encode("unicode_escape").decode()), text
+    )
+
+
+class TextFormatter(logging.Formatter):
+    """``time level message key=value ...`` for people reading a terminal.
+
+    Messages and values are escaped (:func:`escape_control`) and a traceback's lines are
+    indented, so that text from a run (an error message, a step name) cannot forge a line.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = f"{self.formatTime(record)} {record.levelname} {escape_control(record.getMessage())}"
         extra = [
-            f"{name}={getattr(record, name)}"
+            f"{name}={escape_control(str(getattr(record, name)))}"
             for name in _FIELDS
             if getattr(record, name, None) is not None and name not in ("event",)
         ]
-        return f"{line}  {' '.join(extra)}" if extra else line
+        if extra:
+            line = f"{line}  {' '.join(extra)}"
+        details = []
+        if record.exc_info:
+            details.append(self.formatException(record.exc_info))
+        if record.stack_info:
+            details.append(self.formatStack(record.stack_info))
+        for text in details:
+            line += "".join(f"\n    {escape_control(part)}" for part in text.splitlines())
+        return line
 
 
 def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:

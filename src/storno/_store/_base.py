@@ -146,12 +146,18 @@ class Store(abc.ABC):
     async def list_runs(
         self,
         *,
-        status: RunStatus | None = None,
+        status: RunStatus | Sequence[RunStatus] | None = None,
         saga: str | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[RunRecord]:
-        """Runs, newest first, optionally filtered."""
+        """Runs, newest first, optionally filtered (``status``: one, or any of several)."""
+
+    @abc.abstractmethod
+    async def count_runs(
+        self, *, status: RunStatus | Sequence[RunStatus] | None = None, saga: str | None = None
+    ) -> int:
+        """How many runs :meth:`list_runs` with these filters would list without a limit."""
 
     async def history(self, run_id: str) -> list[Event]:
         """The run's whole history in order."""
@@ -239,9 +245,10 @@ class Store(abc.ABC):
 
         ``sagas`` limits the claim to runs of sagas this worker can execute.
 
-        ``include_own`` also takes runs still leased to ``owner`` except those in ``exclude``
-        (the ones it already executes): a restarted worker with a stable id resumes its dead
-        predecessor's runs at once instead of waiting for their leases to expire.
+        ``include_own`` also takes runs still leased to ``owner``: a restarted worker with a
+        stable id resumes its dead predecessor's runs at once instead of waiting for their
+        leases to expire. Runs in ``exclude`` (the ones the worker already executes) are
+        never taken.
 
         ``limits`` caps, per saga name, how many runs of that saga all workers together may
         execute at once (running or compensating under a live lease): the claim counts them

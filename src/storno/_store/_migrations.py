@@ -12,6 +12,7 @@ a test checks that migrating an empty database gives exactly that.
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from dataclasses import dataclass, field
 from importlib import resources
@@ -101,7 +102,7 @@ def status_of(backend: Backend, url: str, applied: list[tuple[int, float | None]
     latest = known[-1].version if known else 0
     current = max((v for v, _ in applied), default=0)
     pending = [m.name for m in known if m.version > current]
-    return SchemaStatus(backend, url, bool(applied), current, latest, applied, pending)
+    return SchemaStatus(backend, redact(url), bool(applied), current, latest, applied, pending)
 
 
 def too_new(current: int, latest: int) -> StoreError:
@@ -123,29 +124,34 @@ def backend_of(url: str) -> Backend:
     if "://" in url and not url.startswith("sqlite://"):
         scheme = url.split("://", 1)[0]
         raise ConfigurationError(
-            f"unsupported database URL scheme {scheme!r} in {url!r}; use sqlite:///path.db or "
-            f"postgresql://user@host/db"
+            f"unsupported database URL scheme {scheme!r} in {redact(url)!r}; use "
+            f"sqlite:///path.db or postgresql://user@host/db"
         )
     return "sqlite"
 
 
+_SECRET_OPTION = re.compile(r"(?i)((?:^|[?&;\s])[a-z_]*password\s*=\s*)([^&;\s#]*)")
+
+
 def redact(url: str) -> str:
-    """The URL with its password (if any) replaced by ``***``, for messages and logs."""
+    """The URL with every password in it (``user:password@``, ``?password=``,
+    ``sslpassword=``) replaced by ``***``: the one way storno shows a database URL."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    userinfo, _, after = rest.partition("@")
-    if ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{after}"
+    if sep and not rest.startswith("/"):
+        # The user info ends at the last "@" before the query: a password typed without
+        # percent-escapes may hold "@" or "/" itself.
+        query = min((i for i in (rest.find(c) for c in "?#") if i >= 0), default=len(rest))
+        userinfo, at, after = rest[:query].rpartition("@")
+        if at and ":" in userinfo:
+            url = f"{scheme}://{userinfo.split(':', 1)[0]}:***@{after}{rest[query:]}"
+    return _SECRET_OPTION.sub(lambda m: f"{m.group(1)}***" if m.group(2) else m.group(0), url)
 
 
 # --- SQLite -----------------------------------------------------------------------------
 
 
 def _sqlite_status(url: str) -> SchemaStatus:
-    from storno._store._sqlite_connection import parse_sqlite_url
+    from storno._store._sqlite_connection import parse_sqlite_url, sqlite_error
 
     path, _ = parse_sqlite_url(url)
     if not path.exists():
@@ -153,6 +159,11 @@ def _sqlite_status(url: str) -> SchemaStatus:
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
+            # A damaged file can still hold a readable version table: check the file first.
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                found = sqlite3.DatabaseError("; ".join(p.replace("\n", "; ") for p in problems))
+                raise sqlite_error(found, path, "read", code=sqlite3.SQLITE_CORRUPT)
             has_table = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'storno_schema'"
             ).fetchone()
@@ -169,12 +180,17 @@ def _sqlite_status(url: str) -> SchemaStatus:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot read SQLite database {str(path)!r}: {exc}") from exc
+        raise sqlite_error(exc, path, "read") from exc
     return status_of("sqlite", url, applied)
 
 
 def _sqlite_upgrade(url: str) -> None:
-    from storno._store._sqlite_connection import migrate, need_folder, parse_sqlite_url
+    from storno._store._sqlite_connection import (
+        migrate,
+        need_folder,
+        parse_sqlite_url,
+        sqlite_error,
+    )
 
     path, _ = parse_sqlite_url(url)
     need_folder(path)
@@ -185,7 +201,7 @@ def _sqlite_upgrade(url: str) -> None:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot migrate SQLite database {str(path)!r}: {exc}") from exc
+        raise sqlite_error(exc, path, "migration") from exc
 
 
 # --- both -------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ class PostgresStore(PostgresConnection, Store):
     async def list_runs(
         self,
         *,
-        status: RunStatus | None = None,
+        status: RunStatus | Sequence[RunStatus] | None = None,
         saga: str | None = None,
         limit: int = 100,
         offset: int = 0,
@@ -195,6 +195,19 @@ class PostgresStore(PostgresConnection, Store):
             return [run_from_row(r) for r in await cur.fetchall()]
 
         return await self._op("list_runs", op)
+
+    async def count_runs(
+        self, *, status: RunStatus | Sequence[RunStatus] | None = None, saga: str | None = None
+    ) -> int:
+        where, params = run_filters(status, saga, "%s")
+        sql = f"SELECT COUNT(*) FROM {self._runs} {where}"
+
+        async def op(conn: Connection, attempt: int) -> int:
+            cur = await conn.execute(sql, params)
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._op("count_runs", op)
 
     async def histories(self, run_ids: Sequence[str]) -> dict[str, list[Event]]:
         ids = list(dict.fromkeys(run_ids))

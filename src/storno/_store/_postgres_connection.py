@@ -69,7 +69,7 @@ def _need_driver() -> None:
     except ImportError:
         raise ConfigurationError(
             "PostgreSQL URLs need the psycopg 3 driver, which is not installed; install it "
-            "with: pip install 'storno[postgres]'"
+            "with storno's postgres extra, e.g. pip install './storno[postgres]' from a checkout"
         ) from None
 
 

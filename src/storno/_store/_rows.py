@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from storno._model import Event, EventType, InboxMessage, Lease, MessageKind, RunRecord, RunStatus
@@ -132,13 +132,17 @@ def message_values(m: InboxMessage) -> tuple[str, str, str | None, str | None, s
     return (m.kind.value, m.name, m.message_id, m.payload, json.dumps(m.meta))
 
 
-def run_filters(status: RunStatus | None, saga: str | None, mark: str) -> tuple[str, list[str]]:
-    """The WHERE clause (or "") and its parameters for listing runs; ``mark`` is the
-    driver's placeholder (``?`` or ``%s``)."""
-    clauses, params = [], []
+def run_filters(
+    status: RunStatus | Sequence[RunStatus] | None, saga: str | None, mark: str
+) -> tuple[str, list[str]]:
+    """The WHERE clause (or "") and its parameters for listing runs in one of the statuses
+    (any, for ``None``); ``mark`` is the driver's placeholder (``?`` or ``%s``)."""
+    clauses: list[str] = []
+    params: list[str] = []
     if status is not None:
-        clauses.append(f"status = {mark}")
-        params.append(status.value)
+        wanted = [status] if isinstance(status, RunStatus) else list(dict.fromkeys(status))
+        clauses.append(f"status IN ({', '.join([mark] * len(wanted))})" if wanted else "1 = 0")
+        params += [s.value for s in wanted]
     if saga is not None:
         clauses.append(f"saga = {mark}")
         params.append(saga)

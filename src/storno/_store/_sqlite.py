@@ -42,6 +42,7 @@ from storno._store._sqlite_connection import (
     migrate,
     need_folder,
     parse_sqlite_url,
+    sqlite_error,
 )
 
 __all__ = ["SQLiteStore", "migrate", "parse_sqlite_url"]
@@ -251,7 +252,7 @@ class SQLiteStore(Store):
         try:
             conn = await asyncio.to_thread(setup)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open SQLite database {str(self.path)!r}: {exc}") from exc
+            raise sqlite_error(exc, self.path, "open") from exc
         self._writer = Writer(self.path, self.synchronous)
         self._writer.start()
         self._writer.bind(asyncio.get_running_loop(), conn)
@@ -291,7 +292,7 @@ class SQLiteStore(Store):
             try:
                 return fn(self._reader())
             except sqlite3.Error as exc:
-                raise StoreError(f"SQLite read failed: {exc}") from exc
+                raise sqlite_error(exc, self.path, "read") from exc
 
         return await asyncio.to_thread(run)
 
@@ -315,7 +316,7 @@ class SQLiteStore(Store):
     async def list_runs(
         self,
         *,
-        status: RunStatus | None = None,
+        status: RunStatus | Sequence[RunStatus] | None = None,
         saga: str | None = None,
         limit: int = 100,
         offset: int = 0,
@@ -327,6 +328,13 @@ class SQLiteStore(Store):
             return [run_from_row(r) for r in conn.execute(sql, (*params, limit, offset))]
 
         return await self._read(fn)
+
+    async def count_runs(
+        self, *, status: RunStatus | Sequence[RunStatus] | None = None, saga: str | None = None
+    ) -> int:
+        where, params = run_filters(status, saga, "?")
+        sql = f"SELECT COUNT(*) FROM storno_runs {where}"
+        return await self._read(lambda conn: int(conn.execute(sql, params).fetchone()[0]))
 
     async def histories(self, run_ids: Sequence[str]) -> dict[str, list[Event]]:
         ids = list(dict.fromkeys(run_ids))

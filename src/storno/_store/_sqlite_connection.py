@@ -22,9 +22,17 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from storno._errors import ConfigurationError, LeaseLostError, StoreError
-from storno._store._migrations import available, too_new
+from storno._store._migrations import available, redact, too_new
 
-__all__ = ["Op", "Writer", "connect", "migrate", "need_folder", "parse_sqlite_url"]
+__all__ = [
+    "Op",
+    "Writer",
+    "connect",
+    "migrate",
+    "need_folder",
+    "parse_sqlite_url",
+    "sqlite_error",
+]
 
 Op = Callable[[sqlite3.Connection], Any]
 """A write: runs on the writer's connection inside the batch's transaction."""
@@ -44,28 +52,65 @@ def parse_sqlite_url(url: str) -> tuple[Path, str]:
     parts = urlsplit(url)
     if parts.netloc:
         raise ConfigurationError(
-            f"SQLite URL {url!r} has a host part; write sqlite:///relative.db or "
+            f"SQLite URL {redact(url)!r} has a host part; write sqlite:///relative.db or "
             f"sqlite:////absolute/path.db"
         )
     raw = unquote(parts.path)
     path = raw[1:] if raw.startswith("/") else raw
     if not path or path == ":memory:":
         raise ConfigurationError(
-            f"SQLite URL {url!r} names no file; storno needs a file so that runs survive the "
-            f"process (an in-memory database would lose them)"
+            f"SQLite URL {redact(url)!r} names no file; storno needs a file so that runs survive "
+            f"the process (an in-memory database would lose them)"
         )
     query = parse_qs(parts.query)
     unknown = set(query) - {"synchronous"}
     if unknown:
         raise ConfigurationError(
-            f"unknown SQLite URL option(s) {sorted(unknown)} in {url!r}; known: synchronous"
+            f"unknown SQLite URL option(s) {sorted(unknown)} in {redact(url)!r}; known: synchronous"
         )
     synchronous = query.get("synchronous", ["full"])[-1].lower()
     if synchronous not in _SYNCHRONOUS:
         raise ConfigurationError(
-            f"synchronous={synchronous!r} in {url!r}; use one of {sorted(_SYNCHRONOUS)}"
+            f"synchronous={synchronous!r} in {redact(url)!r}; use one of {sorted(_SYNCHRONOUS)}"
         )
     return Path(path), synchronous
+
+
+def sqlite_error(
+    exc: sqlite3.Error, path: Path, what: str, *, code: int | None = None
+) -> StoreError:
+    """A StoreError for a failed SQLite ``what`` ("write", "read", "open") that names the
+    cause an operator can act on: a read-only file, a full disk, a corrupted file. ``code``
+    stands in for the error's own SQLite code."""
+    code = code or getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    where = repr(str(path))
+    if primary == sqlite3.SQLITE_READONLY:
+        message = (
+            f"the SQLite database {where} is read-only ({exc}): storno needs to write to the "
+            f"file and to its folder (for the -wal and -shm files); `storno list` and "
+            f"`storno show` can still read it"
+        )
+    elif primary == sqlite3.SQLITE_FULL:
+        message = (
+            f"the disk holding the SQLite database {where} is full ({exc}); nothing of the "
+            f"failed {what} was recorded: free space, and the runs resume from their histories"
+        )
+    elif primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        message = (
+            f"the SQLite database {where} is corrupted or not a database ({exc}); stop the "
+            f"workers and restore it from a backup (`sqlite3 FILE .recover` can save what is "
+            f"still readable)"
+        )
+    elif primary == sqlite3.SQLITE_IOERR:
+        message = f"the disk failed while SQLite {what} on {where} ran ({exc})"
+    elif primary == sqlite3.SQLITE_CANTOPEN:
+        message = f"cannot open the SQLite database {where} ({exc}); check the file's permissions"
+    else:
+        message = f"SQLite {what} on {where} failed: {exc}"
+    error = StoreError(message)
+    error.__cause__ = exc
+    return error
 
 
 def need_folder(path: Path) -> None:
@@ -190,7 +235,8 @@ class Writer(threading.Thread):
             self._hand_over(batch)
             return
         try:
-            outcomes = _apply(conn, [op for op, _, _ in batch], isolate=False, begun=True)
+            ops = [op for op, _, _ in batch]
+            outcomes = _apply(conn, ops, self._path, isolate=False, begun=True)
         except _Isolate:
             self._hand_over(batch)
             return
@@ -221,19 +267,19 @@ class Writer(threading.Thread):
                         stopping = True
                         break
                     batch.append(more)
-                self._commit(conn, batch)
+                self._commit(conn, batch, self._path)
                 self.commits += 1
                 self.operations += len(batch)
         finally:
             conn.close()
 
     @staticmethod
-    def _commit(conn: sqlite3.Connection, batch: list[Item]) -> None:
+    def _commit(conn: sqlite3.Connection, batch: list[Item], path: Path) -> None:
         ops = [op for op, _, _ in batch]
         try:
-            outcomes = _apply(conn, ops, isolate=False)
+            outcomes = _apply(conn, ops, path, isolate=False)
         except _Isolate:
-            outcomes = _apply(conn, ops, isolate=True)
+            outcomes = _apply(conn, ops, path, isolate=True)
         # One wake-up of each event loop per batch, not one per write.
         settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Outcome]]] = {}
         for (_, future, loop), outcome in zip(batch, outcomes, strict=True):
@@ -250,14 +296,14 @@ class _Isolate(Exception):
 
 
 def _apply(
-    conn: sqlite3.Connection, ops: list[Op], *, isolate: bool, begun: bool = False
+    conn: sqlite3.Connection, ops: list[Op], path: Path, *, isolate: bool, begun: bool = False
 ) -> list[Outcome]:
     """Run the operations in one transaction; their outcomes in order.
 
     The fast path runs them side by side. A lost lease is refused before its operation
     writes anything, so it needs no undoing; any other failure may have left half a write,
     so the batch starts again with each operation in a savepoint of its own, and only the
-    failed one is undone.
+    failed one is undone. SQLite errors come out as StoreErrors naming their cause.
     """
     outcomes: list[Outcome] = []
     try:
@@ -271,19 +317,23 @@ def _apply(
             except LeaseLostError as exc:
                 outcomes.append((False, exc))
             except Exception as exc:
+                if isinstance(exc, sqlite3.Error) and not conn.in_transaction:
+                    # SQLite rolled the whole transaction back itself (a full disk, an I/O
+                    # error): every write of the batch failed, for that reason.
+                    raise
                 if not isolate:
                     conn.execute("ROLLBACK")
                     raise _Isolate from exc
                 conn.execute("ROLLBACK TO op")
-                outcomes.append((False, exc))
+                failed = sqlite_error(exc, path, "write") if isinstance(exc, sqlite3.Error) else exc
+                outcomes.append((False, failed))
             if isolate:
                 conn.execute("RELEASE op")
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-        error = StoreError(f"SQLite write failed and was rolled back: {exc}")
-        error.__cause__ = exc
+        error = sqlite_error(exc, path, "write")
         outcomes = [(False, error)] * len(ops)
     return outcomes
 
