@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from test_server_support import (
+    NOTICE_API,
     OPERATOR_TOKEN,
     READ_TOKEN,
     REFUND_API,
@@ -257,6 +258,42 @@ def test_dead_letter_retry_and_resolve(db_url: str):
             assert c.get("/api/v1/dead-letters").json()["runs"] == []
     finally:
         REFUND_API["down"] = False
+
+
+def test_a_run_that_needs_attention_is_retried_compensated_or_resolved(db_url: str):
+    NOTICE_API["down"] = True
+    try:
+        with serving(db_url) as s, s.client() as c:
+            first, second = start(c, "announce", "ann"), start(c, "announce", "bo")
+            wait_status(c, first, "needs_attention")
+            wait_status(c, second, "needs_attention")
+            shown = c.get(f"/api/v1/runs/{first}").json()
+            assert "post_notice" in shown["error"]["message"]
+            assert shown["steps"][1]["status"] == "unknown"
+            refused = c.post(f"/api/v1/runs/{first}/compensate", json={})
+            error_of(refused, 409, "run_state")
+            assert "post_notice=not_applied" in refused.json()["error"]["message"]
+            unsaid = c.post(f"/api/v1/runs/{first}/resolve", json={"note": "checked"})
+            error_of(unsaid, 422, "invalid")
+            done = c.post(
+                f"/api/v1/runs/{first}/compensate",
+                json={"not_applied": ["post_notice"], "note": "no notice in the channel"},
+            )
+            assert done.status_code == 202, done.text
+            wait_status(c, first, "compensated")
+            NOTICE_API["down"] = False
+            retried = c.post(f"/api/v1/runs/{second}/retry", json={"note": "channel is back"})
+            assert retried.status_code == 202, retried.text
+            wait_status(c, second, "completed")
+            actions = [
+                e["data"]
+                for e in c.get(f"/api/v1/runs/{first}").json()["history"]
+                if e["type"] == "operator_action"
+            ]
+            assert actions[0]["action"] == "compensate" and actions[0]["by"] == "ops-alice"
+            assert actions[0]["not_applied"] == [1]
+    finally:
+        NOTICE_API["down"] = False
 
 
 def test_webhook_turns_callbacks_into_signals_once(db_url: str):

@@ -120,7 +120,26 @@ async def conference(ctx: storno.SagaContext, guests: list[str]) -> list[str]:
     return await ctx.gather(*(ctx.child(lodging, g) for g in guests))
 
 
-SAGAS = [booking, approval, shipment, lodging, conference]
+NOTICE_API = {"down": False}
+
+
+@storno.step(
+    kind="noncompensable", retry=storno.RetryPolicy(initial_interval=0.01, maximum_attempts=2)
+)
+def post_notice(ctx: storno.StepContext, text: str) -> str:
+    if NOTICE_API["down"]:
+        raise storno.OutcomeUnknownError("read timeout: was the notice posted?")
+    return "notice-1"
+
+
+@storno.saga
+async def announce(ctx: storno.SagaContext, customer: str) -> str:
+    """A booking announced in a channel: the notice cannot be taken back."""
+    await ctx.step(book_slot, customer)
+    return await ctx.step(post_notice, f"booked for {customer}")
+
+
+SAGAS = [booking, approval, shipment, lodging, conference, announce]
 
 
 @storno.saga

@@ -29,6 +29,7 @@ from storno._server._models import (
     ActionResult,
     ApproveRequest,
     CancelRequest,
+    CompensateRequest,
     ErrorResponse,
     Health,
     QueryResult,
@@ -455,7 +456,8 @@ async def retry(
     run_id: str,
     body: Annotated[RetryRequest | None, Body()] = None,
 ) -> dict[str, Any]:
-    """Retry a dead letter's compensation where it failed, with the same keys."""
+    """Retry a dead letter's compensation where it failed, or resume a run in
+    ``needs_attention`` under the current code; the same keys."""
     body = body or RetryRequest()
     server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
     await server.app.retry(run_id, by=who, note=body.note)
@@ -463,17 +465,39 @@ async def retry(
 
 
 @router.post(
+    "/runs/{run_id:path}/compensate",
+    response_model=ActionResult,
+    status_code=202,
+    tags=["operator"],
+    responses=_err(*AUTH, 404, 409, 422),
+)
+async def compensate(
+    request: Request,
+    principal: Operator,
+    run_id: str,
+    body: Annotated[CompensateRequest | None, Body()] = None,
+) -> dict[str, Any]:
+    """Compensate a run in ``needs_attention``. Refused (409) where a step at or after its
+    point of no return completed, or may have taken effect and is not in ``not_applied``."""
+    body = body or CompensateRequest()
+    server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
+    await server.app.compensate(run_id, by=who, note=body.note, not_applied=body.not_applied)
+    return await _after(server, run_id, "compensate", who)
+
+
+@router.post(
     "/runs/{run_id:path}/resolve",
     response_model=ActionResult,
     tags=["operator"],
-    responses=_err(*AUTH, 404, 409),
+    responses=_err(*AUTH, 404, 409, 422),
 )
 async def resolve(
     request: Request, principal: Operator, run_id: str, body: ResolveRequest
 ) -> dict[str, Any]:
-    """Mark a dead letter compensated by hand; the note says what was done."""
+    """Close a run that needs a person as handled by hand: a dead letter as compensated, a
+    run in ``needs_attention`` as ``outcome`` says; the note says what was done."""
     server, who, run_id = state_of(request), actor(principal, body.by), _run_id(run_id)
-    await server.app.resolve(run_id, by=who, note=body.note)
+    await server.app.resolve(run_id, by=who, note=body.note, outcome=body.outcome)
     return await _after(server, run_id, "resolve", who)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -145,8 +145,23 @@ class RetryRequest(_Body):
     by: Actor | None = None
 
 
+class CompensateRequest(_Body):
+    not_applied: Annotated[list[Identifier], Field(max_length=100)] = Field(
+        default_factory=list,
+        description="Steps (names, or positions as text) of unknown outcome that the operator "
+        "checked did not take effect; recorded with the action.",
+    )
+    note: Text | None = Field(default=None, description="What was checked.")
+    by: Actor | None = None
+
+
 class ResolveRequest(_Body):
     note: Annotated[Text, Field(min_length=1)] = Field(description="What was done by hand.")
+    outcome: Literal["completed", "compensated"] | None = Field(
+        default=None,
+        description="How the run ended by hand; required for a run in needs_attention (a dead "
+        "letter is compensated).",
+    )
     by: Actor | None = None
 
 
