@@ -572,6 +572,12 @@ class Storno:
         self, run_id: str, status: RunStatus, data: dict[str, Any], *, claimable: bool
     ) -> None:
         await self.open()
+        # The dead letter's error stops being true once an operator acts: the run shows
+        # again why it compensated (the failure stays in its history).
+        started = [
+            e for e in await self.store.history(run_id) if e.type is EventType.COMPENSATION_STARTED
+        ]
+        cause = started[-1].data.get("error") if started else None
         changed = await self.store.operate(
             run_id,
             expected=[RunStatus.COMPENSATION_FAILED],
@@ -580,6 +586,7 @@ class Storno:
             data=data,
             now=self.clock.now(),
             claimable=claimable,
+            error=cause if isinstance(cause, dict) else None,
         )
         if changed is None:
             record = await self.store.get_run(run_id)
