@@ -115,6 +115,8 @@ def test_operator_commands_refuse_bad_input_with_clear_errors(tmp_path: Path) ->
     assert bad.returncode == 2 and "not valid JSON" in bad.stderr
     missing = cli("approve", "no-such-run", *db, cwd=tmp_path)
     assert missing.returncode == 1 and "no run with id 'no-such-run'" in missing.stderr
+    early = cli("approve", run_id, *db, cwd=tmp_path)  # the run has not asked for one yet
+    assert early.returncode == 1 and "not waiting for an approval" in early.stderr
     no_reason = cli("cancel", run_id, *db, cwd=tmp_path)
     assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
     not_dead = cli("retry", run_id, *db, cwd=tmp_path)

@@ -21,6 +21,7 @@ from test_dashboard import csrf_of, signed_in
 from test_http import error_of
 from test_server_support import (
     OPERATOR_TOKEN,
+    REFUND_API,
     WEBHOOK_TOKEN,
     serving,
     start,
@@ -178,3 +179,35 @@ def test_logout_revokes_the_dashboard_session(db_url: str):
         assert stolen.get("/ui/").status_code == 303  # to the login page: the session is gone
         forged = httpx.Client(base_url=s.url, timeout=10, cookies={COOKIE: OPERATOR_TOKEN})
         assert forged.get("/ui/").status_code == 303  # the raw token is no session either
+
+
+def test_a_dead_letter_retried_or_resolved_shows_the_current_truth(db_url: str):
+    REFUND_API["down"] = True
+    try:
+        with serving(db_url) as s, s.client() as c:
+            retried, resolved = (
+                start(c, "booking", "ann", 9, True),
+                start(c, "booking", "bo", 9, True),
+            )
+            for run_id in (retried, resolved):
+                dead = wait_status(c, run_id, "compensation_failed")
+                assert "dead letter" in dead["error"]["message"]
+            REFUND_API["down"] = False
+            c.post(f"/api/v1/runs/{retried}/retry", json={"note": "API back"}).raise_for_status()
+            c.post(f"/api/v1/runs/{resolved}/resolve", json={"note": "refunded in the console"})
+            browser = signed_in(s.url, OPERATOR_TOKEN)
+            for run_id, action in ((retried, "retry by ops-alice"), (resolved, "resolve")):
+                run = wait_status(c, run_id, "compensated")
+                assert "calendar api refused" in run["error"]["message"]  # why it compensated
+                page = browser.get(f"/ui/runs/{run_id}").text
+                head = page.split('class="run-head"')[1].split("<h2>Forward path")[0]
+                shown = cli("show", run_id, "--db", db_url, cwd=Path.cwd()).stdout
+                # The history keeps the old failure; what the run says about itself moves on.
+                for text in (str(run["error"]), head, shown.split("forward steps")[0]):
+                    assert "fix the cause" not in text and "is a dead letter" not in text
+                card = page.split('class="timeline compensations"')[1]
+                charge = card.split("undo charge_card")[1].split('<li class="item comp')[0]
+                assert "gave up:" not in charge  # not shown as the compensation's outcome
+                assert f"superseded by {action.split(' by')[0]}" in charge
+    finally:
+        REFUND_API["down"] = False

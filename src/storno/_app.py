@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from storno import _operator
+from storno._approvals import check_decision_wanted
 from storno._clock import Clock, SystemClock
 from storno._definitions import Saga, Step
 from storno._engine import Birth
@@ -41,6 +42,7 @@ from storno._model import (
     MessageKind,
     RunRecord,
     RunStatus,
+    check_run_id,
     check_time,
     seconds,
 )
@@ -344,7 +346,7 @@ class Storno:
         timeout: float | None,
         start_at: float | None = None,
     ) -> RunHandle[Any]:
-        run_id = _check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
+        run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         now = self.clock.now()
         if start_at is not None and check_time(start_at, "start_at") <= now:
             start_at = None
@@ -513,39 +515,7 @@ class Storno:
         if not decision["by"]:
             raise ConfigurationError(f"an {what} needs the name of who gives it (by=)")
         await self.open()
-        record = await self.store.get_run(run_id)
-        if record is None:
-            raise RunNotFoundError(run_id)
-        if record.status in ENDED:
-            raise RunStateError(
-                f"run {run_id} has already ended ({record.status.value}); the {what} was not stored"
-            )
-        history = await self.store.history(run_id)
-        recorded = fold(history)
-        open_wait = any(
-            w.kind == "approval" and w.status == "waiting" for w in recorded.waits.values()
-        )
-        early = bool(history and history[0].data.get("early_approvals"))
-        if not open_wait and not early:
-            raise RunStateError(
-                f"run {run_id} is not waiting for an approval ({record.status.value}); an "
-                f"{what} given before the run asks for one is refused, so that an early click "
-                f"cannot decide a request that was not made yet. Give it once the run waits "
-                f"for approval, or declare the saga with @storno.saga(early_approvals=True)"
-            )
-        ignored = {
-            e.data.get("ignored_seq") for e in history if e.type is EventType.APPROVAL_IGNORED
-        }
-        for message in await self.store.inbox(run_id):
-            if (
-                message.kind is MessageKind.APPROVAL
-                and message.seq not in recorded.consumed
-                and message.seq not in ignored
-            ):
-                raise RunStateError(
-                    f"run {run_id} already has a decision on its way (given by "
-                    f"{message.meta.get('by')}); the {what} was not stored"
-                )
+        await check_decision_wanted(self.store, run_id, what)
         payload = encode(decision, what=what, limit=self.max_payload_bytes)
         meta = {"by": decision["by"]}
         return await self._deliver(
@@ -636,18 +606,6 @@ class Storno:
             known = ", ".join(sorted(state)) or "none yet"
             raise LookupError(f"run {run_id} has published no value {name!r} (published: {known})")
         return state[name]
-
-
-def _check_run_id(run_id: str) -> str:
-    """A run id every store and reader takes: 1 to 200 characters, none of them control
-    characters (a NUL cannot be stored in PostgreSQL) or lone surrogates."""
-    if not run_id or len(run_id) > 200:
-        raise ConfigurationError(f"run_id must be 1 to 200 characters, got {len(run_id)}")
-    if any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in run_id):
-        raise ConfigurationError(
-            f"run_id {run_id!r} holds control characters or invalid Unicode; use printable text"
-        )
-    return run_id
 
 
 class RunHandle(Generic[R]):

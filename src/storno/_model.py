@@ -31,6 +31,7 @@ __all__ = [
     "RunRecord",
     "RunStatus",
     "StepKind",
+    "check_run_id",
     "check_time",
     "compensation_key",
     "forward_key",
@@ -154,9 +155,10 @@ RESERVED_PREFIX = "storno."
 APPROVAL_WAIT = "approval"
 """The name under which the history records a ``ctx.wait_for_approval()`` wait, flagged
 ``"approval": true`` (it is no signal: approvals are :attr:`MessageKind.APPROVAL` messages).
-Histories written before 0.x recorded it as a wait for the signal ``storno.approval``."""
+Older histories recorded it as a wait for the signal :data:`LEGACY_APPROVAL_SIGNAL`."""
 
 LEGACY_APPROVAL_SIGNAL = "storno.approval"
+"""How histories written before approvals had a message kind of their own name the wait."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +218,18 @@ def seconds(value: float | timedelta | None, what: str) -> float | None:
     if not result > 0 or not math.isfinite(result):
         raise ConfigurationError(f"{what} must be positive and finite, got {value!r}")
     return result
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id every store and reader takes: 1 to 200 characters, none of them control
+    characters (a NUL cannot be stored in PostgreSQL) or lone surrogates."""
+    if not run_id or len(run_id) > 200:
+        raise ConfigurationError(f"run_id must be 1 to 200 characters, got {len(run_id)}")
+    if any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in run_id):
+        raise ConfigurationError(
+            f"run_id {run_id!r} holds control characters or invalid Unicode; use printable text"
+        )
+    return run_id
 
 
 def check_time(at: float, what: str) -> float:

@@ -147,6 +147,14 @@ async def _operate(
     *,
     claimable: bool,
 ) -> None:
+    cause = None
+    if current is RunStatus.COMPENSATION_FAILED:
+        # The dead letter's error stops being true once an operator acts: the run shows
+        # again why it compensated (the failure stays in its history).
+        started = [
+            e for e in await store.history(run_id) if e.type is EventType.COMPENSATION_STARTED
+        ]
+        cause = started[-1].data.get("error") if started else None
     changed = await store.operate(
         run_id,
         expected=[current],
@@ -155,6 +163,7 @@ async def _operate(
         data=data,
         now=clock.now(),
         claimable=claimable,
+        error=cause if isinstance(cause, dict) else None,
     )
     if changed is None:
         record = await store.get_run(run_id)

@@ -68,6 +68,7 @@ class Compensation:
     error: dict[str, Any] | None = None
     child_run_id: str | None = None
     order: int = 0
+    superseded: str | None = None  # an earlier give-up an operator's action made obsolete
 
 
 @dataclass(slots=True)
@@ -123,6 +124,10 @@ def _describe(e: HistoryEvent) -> str | None:
     return None
 
 
+def _error_text(error: dict[str, Any]) -> str:
+    return str(error.get("message") or error.get("type") or "failed")
+
+
 def build_timeline(info: RunInfo) -> Timeline:
     steps = {s.position: s for s in info.steps}
     attempts: dict[int, dict[int, Attempt]] = {}
@@ -133,6 +138,7 @@ def build_timeline(info: RunInfo) -> Timeline:
     first_comp_seq: dict[int, int] = {}
     events: list[RunEvent] = []
     reason: dict[str, Any] | None = None
+    gave_up_at: dict[int, dict[str, Any]] = {}  # compensations that gave up, not yet acted on
     for e in info.history:
         d, p = e.data, e.position
         text = _describe(e)
@@ -140,6 +146,16 @@ def build_timeline(info: RunInfo) -> Timeline:
             events.append(RunEvent(e.at, e.type, text))
         if e.type == "compensation_started":
             reason = d.get("error")
+        if e.type == "operator_action" and d.get("action") in ("retry", "resolve"):
+            action = "retry" if d.get("action") == "retry" else "resolve (undone by hand)"
+            for position, error in gave_up_at.items():
+                undone = comps[position]
+                undone.error = None
+                undone.superseded = (
+                    f"gave up earlier ({_error_text(error)}); superseded by {action} by "
+                    f"{d.get('by')}" + (f": {d.get('note')}" if d.get("note") else "")
+                )
+            gave_up_at.clear()
         if p is None:
             continue
         if e.type in ("step_started", "child_started"):
@@ -227,6 +243,8 @@ def build_timeline(info: RunInfo) -> Timeline:
                 c.skipped = str(d.get("reason") or "skipped")
             elif e.type == "compensation_step_failed":
                 c.error = d.get("error")
+                c.superseded = None
+                gave_up_at[p] = c.error or {}
     forward: list[ForwardItem] = []
     for position, step in steps.items():
         item = ForwardItem(

@@ -217,6 +217,7 @@ class Store(abc.ABC):
         data: dict[str, Any],
         now: float,
         claimable: bool,
+        error: dict[str, Any] | None = None,
     ) -> RunRecord | None:
         """An operator's change of a run that no worker holds (a dead letter retried or
         resolved, a completed child asked to compensate): append one event at the end of the
@@ -224,6 +225,7 @@ class Store(abc.ABC):
 
         Returns the updated run, or ``None`` if the run is not in one of ``expected`` or a
         worker holds a live lease on it. ``claimable`` makes it claimable by any worker now.
+        ``error`` replaces the run's error (``None`` keeps it).
         """
 
     @abc.abstractmethod

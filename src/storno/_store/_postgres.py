@@ -428,6 +428,7 @@ class PostgresStore(PostgresConnection, Store):
         data: dict[str, Any],
         now: float,
         claimable: bool,
+        error: dict[str, Any] | None = None,
     ) -> RunRecord | None:
         data_text = json.dumps(data)
 
@@ -436,13 +437,14 @@ class PostgresStore(PostgresConnection, Store):
             async with conn.transaction():
                 await cur.execute(
                     f"UPDATE {self._runs} SET status = %s, updated_at = %s, owner = NULL, "
-                    "lease_expires_at = %s, wake_at = NULL "
+                    "lease_expires_at = %s, wake_at = NULL, error = COALESCE(%s, error) "
                     "WHERE run_id = %s AND status = ANY(%s::text[]) "
                     "AND (owner IS NULL OR lease_expires_at < %s) RETURNING *",
                     (
                         status.value,
                         now,
                         0.0 if claimable else None,
+                        None if error is None else json.dumps(error),
                         run_id,
                         [s.value for s in expected],
                         now,

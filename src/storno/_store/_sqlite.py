@@ -424,16 +424,26 @@ class SQLiteStore(Store):
         data: dict[str, Any],
         now: float,
         claimable: bool,
+        error: dict[str, Any] | None = None,
     ) -> RunRecord | None:
         marks = ",".join("?" * len(expected))
+        error_text = None if error is None else json.dumps(error)
 
         def op(conn: sqlite3.Connection) -> RunRecord | None:
             row = conn.execute(
                 "UPDATE storno_runs SET status = ?, updated_at = ?, owner = NULL, "
-                "lease_expires_at = ?, wake_at = NULL "
+                "lease_expires_at = ?, wake_at = NULL, error = COALESCE(?, error) "
                 f"WHERE run_id = ? AND status IN ({marks}) "
                 "AND (owner IS NULL OR lease_expires_at < ?) RETURNING *",
-                (status.value, now, 0.0 if claimable else None, run_id, *expected, now),
+                (
+                    status.value,
+                    now,
+                    0.0 if claimable else None,
+                    error_text,
+                    run_id,
+                    *expected,
+                    now,
+                ),
             ).fetchone()
             if row is None:
                 return None
