@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from test_server_support import (
+    NOTICE_API,
     OPERATOR_TOKEN,
     READ_TOKEN,
     REFUND_API,
@@ -113,6 +114,37 @@ def test_actions_are_refused_on_the_server_without_an_operator(db_url: str):
             assert run["history"][-1]["data"]["by"] == "ops-alice"
     finally:
         REFUND_API["down"] = False
+
+
+def test_a_run_that_needs_attention_can_be_compensated_or_resolved_from_its_page(db_url: str):
+    NOTICE_API["down"] = True
+    try:
+        with serving(db_url) as s, s.client() as api:
+            first, second = start(api, "announce", "ann"), start(api, "announce", "bo")
+            wait_status(api, first, "needs_attention")
+            wait_status(api, second, "needs_attention")
+            operator = signed_in(s.url, OPERATOR_TOKEN)
+            page = operator.get(f"/ui/runs/{first}").text
+            assert "Needs attention" in page and f"/ui/runs/{first}/compensate" in page
+            assert 'value="post_notice"' in page  # the step of unknown outcome, to confirm
+            token = csrf_of(page)
+            done = operator.post(
+                f"/ui/runs/{first}/compensate",
+                data={"not_applied": "post_notice", "note": "not in the channel", "csrf": token},
+            )
+            assert done.status_code == 303, done.text
+            wait_status(api, first, "compensated")
+            closed = operator.post(
+                f"/ui/runs/{second}/resolve",
+                data={"note": "posted by hand", "outcome": "completed", "csrf": token},
+            )
+            assert closed.status_code == 303, closed.text
+            assert "Marked+completed+by+hand" in closed.headers["location"]
+            wait_status(api, second, "completed")
+            refused = operator.post(f"/ui/runs/{second}/compensate", data={"csrf": token})
+            assert refused.status_code == 409
+    finally:
+        NOTICE_API["down"] = False
 
 
 @pytest.mark.skipif(

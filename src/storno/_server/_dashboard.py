@@ -42,7 +42,7 @@ CSP = (
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 PAGE = 50
-ACTIONS = ("retry", "resolve", "cancel", "approve", "reject", "signal")
+ACTIONS = ("retry", "compensate", "resolve", "cancel", "approve", "reject", "signal")
 
 
 def _ts(value: float | None) -> str:
@@ -295,7 +295,7 @@ def install_dashboard(api: FastAPI) -> Any:
             raise ApiError(404, "not_found", f"no action {action!r}")
         try:
             check_identifier(run_id, "run id")
-            for key in ("note", "reason", "data", "name", "id"):
+            for key in ("note", "reason", "data", "name", "id", "not_applied", "outcome"):
                 check_text(form.get(key, ""))
         except ValueError as exc:
             raise ApiError(422, "invalid", str(exc)) from None
@@ -309,7 +309,12 @@ def install_dashboard(api: FastAPI) -> Any:
             elif action == "resolve":
                 if not note:
                     raise ApiError(422, "invalid", "say what was done by hand in the note")
-                await app.resolve(run_id, by=who, note=note)
+                outcome = form.get("outcome", "").strip() or None
+                await app.resolve(run_id, by=who, note=note, outcome=outcome)
+            elif action == "compensate":
+                raw = form.get("not_applied", "")
+                steps = [part.strip() for part in raw.split(",") if part.strip()]
+                await app.compensate(run_id, by=who, note=note, not_applied=steps)
             elif action == "cancel":
                 if not reason:
                     raise ApiError(422, "invalid", "a cancel needs a reason")
@@ -341,8 +346,11 @@ def install_dashboard(api: FastAPI) -> Any:
         back = form.get("back", "")
         target = back if back in ("/ui/dead-letters",) else f"/ui/runs/{quote(run_id, safe='/')}"
         notice = {
-            "retry": "Compensation retried.",
-            "resolve": "Marked compensated by hand.",
+            "retry": "Retried.",
+            "compensate": "Compensation started.",
+            "resolve": "Marked completed by hand."
+            if form.get("outcome") == "completed"
+            else "Marked compensated by hand.",
             "cancel": "Cancel requested.",
             "approve": "Approved.",
             "reject": "Rejected.",
@@ -389,6 +397,9 @@ def install_dashboard(api: FastAPI) -> Any:
             messages=messages,
             ended=info.status.value
             in ("completed", "compensated", "compensation_failed", "needs_attention", "cancelled"),
+            unknown_steps=[
+                s.name for s in info.steps if s.outcome_unknown and s.kind != "compensable"
+            ],
         )
 
     return error_page
