@@ -245,12 +245,15 @@ class Calls:
             call = functools.partial(contextvars.copy_context().run, fn, context, *args, **kwargs)
             future = self.executor.submit(call)
             waiting = asyncio.wrap_future(future)
-            try:
-                result = await asyncio.wait_for(asyncio.shield(waiting), timeout)
-            except TimeoutError:
-                if slot is not None and not future.done():
-                    self._running[slot] = future
-                raise
+            if not timeout:
+                result = await waiting
+            else:
+                try:
+                    result = await asyncio.wait_for(asyncio.shield(waiting), timeout)
+                except TimeoutError:
+                    if slot is not None and not future.done():
+                        self._running[slot] = future
+                    raise
         if inspect.isawaitable(result):
             result = await result
         return result
