@@ -17,7 +17,6 @@ from storno import _operator
 from storno._approvals import check_decision_wanted
 from storno._clock import Clock, SystemClock
 from storno._definitions import Saga, Step
-from storno._engine import Birth
 from storno._errors import (
     CompensationFailedError,
     ConfigurationError,
@@ -32,6 +31,7 @@ from storno._errors import (
     WaitTimeoutError,
 )
 from storno._history import fold
+from storno._journal import Birth
 from storno._model import (
     APPROVAL_WAIT,
     RESERVED_PREFIX,
@@ -46,7 +46,7 @@ from storno._model import (
     check_time,
     seconds,
 )
-from storno._plan import PLAN_SAGA, Plan, PlanStep, parse_plan, validate_plan
+from storno._plan import PLAN_SAGA_NAME, Plan, PlanStep, parse_plan, plan_saga, validate_plan
 from storno._serde import DEFAULT_MAX_PAYLOAD_BYTES, decode, describe, encode
 from storno._store import NewRun, RunExistsError, Store, open_store
 from storno._views import RunInfo, describe_run
@@ -133,6 +133,7 @@ class Storno:
         self._workers: list[Worker] = []
         self._waiters: dict[str, list[asyncio.Future[RunRecord | None]]] = {}
         self._listeners: list[EventListener] = []
+        self._plan_saga = plan_saga(self._steps.get)
         self._opened = False
         self.register(*sagas, *steps)
 
@@ -164,7 +165,7 @@ class Storno:
     def saga_names(self) -> list[str]:
         names = list(self._sagas)
         if self._steps:
-            names.append(PLAN_SAGA.name)
+            names.append(PLAN_SAGA_NAME)
         return names
 
     @property
@@ -173,8 +174,8 @@ class Storno:
         return {n: s.max_concurrent for n, s in self._sagas.items() if s.max_concurrent}
 
     def find_saga(self, name: str) -> Saga[..., Any]:
-        if name == PLAN_SAGA.name:
-            return PLAN_SAGA
+        if name == PLAN_SAGA_NAME:
+            return self._plan_saga
         try:
             return self._sagas[name]
         except KeyError:
@@ -336,7 +337,7 @@ class Storno:
             what="plan",
             limit=self.max_payload_bytes,
         )
-        return await self._start(PLAN_SAGA, text, run_id, seconds(timeout, "timeout"))
+        return await self._start(self._plan_saga, text, run_id, seconds(timeout, "timeout"))
 
     async def _start(
         self,

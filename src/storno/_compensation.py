@@ -31,10 +31,10 @@ async def compensate(x: RunExecution, error: dict[str, Any]) -> None:
     """Undo every step that may have taken effect, latest first; end the run compensated (or
     cancelled), or as a dead letter if a compensation keeps failing."""
     if x.record.status is not RunStatus.COMPENSATING:
-        x.append(EventType.COMPENSATION_STARTED, data={"error": error})
+        x.journal.append(EventType.COMPENSATION_STARTED, data={"error": error})
         # Made durable with the first compensation's start (or the run's end): one commit.
-        x.deferred_update = RunUpdate(RunStatus.COMPENSATING, error=error)
-    for state in fold(x.events).to_compensate():
+        x.journal.defer(RunUpdate(RunStatus.COMPENSATING, error=error))
+    for state in fold(x.journal.events).to_compensate():
         if state.compensation and state.compensation.status in ("completed", "skipped"):
             continue
         if state.child_run_id is not None:
@@ -42,14 +42,14 @@ async def compensate(x: RunExecution, error: dict[str, Any]) -> None:
         else:
             failure = await _undo_step(x, state, error)
         if failure is not None:
-            x.append(EventType.RUN_COMPENSATION_FAILED, data={"error": failure})
+            x.journal.append(EventType.RUN_COMPENSATION_FAILED, data={"error": failure})
             await x.end(RunUpdate(RunStatus.COMPENSATION_FAILED, error=failure, release=True))
             return
-    cancel = fold(x.events).cancel
+    cancel = fold(x.journal.events).cancel
     status = RunStatus.COMPENSATED if cancel is None else RunStatus.CANCELLED
     _faults.point("run.ending", run_id=x.record.run_id, status=status.value)
     end = EventType.RUN_COMPENSATED if cancel is None else EventType.RUN_CANCELLED
-    x.append(end, data=cancel or {})
+    x.journal.append(end, data=cancel or {})
     await x.end(RunUpdate(status, release=True))
 
 
@@ -61,8 +61,8 @@ async def _undo_child(
     assert child_id is not None
     attempt = (state.compensation.attempts if state.compensation else 0) + 1
     data = {"step": state.name, "key": child_id, "attempt": attempt}
-    x.append(EventType.COMPENSATION_STEP_STARTED, state.position, data)
-    await x.commit()
+    x.journal.append(EventType.COMPENSATION_STEP_STARTED, state.position, data)
+    await x.journal.commit()
     if state.status != "completed":
         message = InboxMessage(
             MessageKind.CANCEL,
@@ -75,7 +75,7 @@ async def _undo_child(
     failure = await _wait_for_child(x, state)
     if failure is not None:
         return _give_up(x, state, child_id, failure, attempt)
-    x.append(EventType.COMPENSATION_STEP_COMPLETED, state.position, {"key": child_id})
+    x.journal.append(EventType.COMPENSATION_STEP_COMPLETED, state.position, {"key": child_id})
     return None
 
 
@@ -86,7 +86,7 @@ async def _undo_step(
     run_id, position = x.record.run_id, state.position
     key = compensation_key(run_id, position, state.name)
     try:
-        step = x.steps_used.get(position) or x.host.find_step(state.name, state.ref)
+        step = x.replay.step_used(position) or x.host.find_step(state.name, state.ref)
         step.check_runnable()
     except Exception as exc:
         return _give_up(x, state, key, error_info(exc))
@@ -102,12 +102,12 @@ async def _undo_step(
         if late is not None and late.finished and late.error is None:
             text = x.encode_value(late.value, f"result of step {state.name!r}")
             data = {"attempt": state.attempts, "late": True}
-            x.append(EventType.STEP_COMPLETED, position, data, text)
+            x.journal.append(EventType.STEP_COMPLETED, position, data, text)
             found = decode(text)
         else:
             found = await read_back(x, step, position, state.attempts, args, kwargs)
         if found is NOT_APPLIED:
-            x.append(
+            x.journal.append(
                 EventType.COMPENSATION_STEP_SKIPPED,
                 position,
                 {"key": key, "reason": "read-back found no trace of the step"},
@@ -133,7 +133,7 @@ async def _undo_step(
         )
     except _GaveUp as gave_up:
         return gave_up.failure
-    x.append(EventType.COMPENSATION_STEP_COMPLETED, position, {"key": key})
+    x.journal.append(EventType.COMPENSATION_STEP_COMPLETED, position, {"key": key})
     return None
 
 
@@ -167,8 +167,8 @@ class _CompensationAttempts:
         # A compensation still running in its thread since it timed out may land yet.
         await x.calls.settle(state.position, "compensation", self.step.thread_grace)
         data = {"step": state.name, "key": self.key, "attempt": number}
-        x.append(EventType.COMPENSATION_STEP_STARTED, state.position, data)
-        await x.commit()
+        x.journal.append(EventType.COMPENSATION_STEP_STARTED, state.position, data)
+        await x.journal.commit()
 
     async def call(self, number: int, time_left: float | None) -> None:
         x, state, run_id = self.x, self.state, self.x.record.run_id
@@ -189,7 +189,7 @@ class _CompensationAttempts:
         data: dict[str, Any] = {"key": self.key, "attempt": number, "error": failure.info}
         if failure.retry_after is not None:
             data["retry_after"] = failure.retry_after
-        self.x.append(EventType.COMPENSATION_ATTEMPT_FAILED, self.state.position, data)
+        self.x.journal.append(EventType.COMPENSATION_ATTEMPT_FAILED, self.state.position, data)
         return None
 
     def give_up(self, reason: str, last: Failure | None) -> BaseException:
@@ -210,7 +210,7 @@ def _give_up(
         "step": state.name,
         "cause": error,
     }
-    x.append(
+    x.journal.append(
         EventType.COMPENSATION_STEP_FAILED,
         state.position,
         {"key": key, "error": error},

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from storno import _waits
-from storno._definitions import Saga, Step
 from storno._errors import ApprovalRejectedError, ConfigurationError
 
 if TYPE_CHECKING:
-    from storno._engine import RunExecution
+    from storno._definitions import Saga, Step
+    from storno._runtime import Runtime
 
 __all__ = ["Approval", "SagaContext", "SyncSagaContext"]
 
@@ -66,12 +65,12 @@ def _decide(data: Any) -> Approval:
 class SagaContext:
     """What an ``async`` saga body uses to call steps, wait durably and take recorded values."""
 
-    def __init__(self, execution: RunExecution) -> None:
-        self._x = execution
+    def __init__(self, runtime: Runtime) -> None:
+        self._x = runtime
 
     @property
     def run_id(self) -> str:
-        return self._x.record.run_id
+        return self._x.run_id
 
     async def step(self, step: Step[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run a step, or return its recorded outcome when replaying."""
@@ -84,7 +83,7 @@ class SagaContext:
         The child's failure is raised here as :class:`storno.ChildFailedError`; if the parent
         compensates later, a completed child is compensated too.
         """
-        result: R = await _waits.call_child(self._x, saga, args, kwargs)
+        result: R = await self._x.call_child(saga, args, kwargs)
         return result
 
     async def gather(self, *calls: Awaitable[T]) -> list[T]:
@@ -94,15 +93,15 @@ class SagaContext:
         failed, the first failure (in argument order) is raised afterwards, so the steps that
         succeeded are compensated with the earlier ones, latest-completed first.
         """
-        return await _waits.gather(self._x, calls)
+        return await self._x.gather(calls)
 
     async def sleep(self, duration: float | timedelta) -> None:
         """Wait durably: the run holds no worker while it sleeps and survives restarts."""
-        await _waits.sleep_until(self._x, self._x.host.clock.now() + _seconds(duration, "sleep"))
+        await self._x.sleep_until(self._x.now() + _seconds(duration, "sleep"))
 
     async def sleep_until(self, when: datetime) -> None:
         """Wait durably until an aware datetime."""
-        await _waits.sleep_until(self._x, _timestamp(when))
+        await self._x.sleep_until(_timestamp(when))
 
     async def wait_for_signal(
         self,
@@ -117,7 +116,7 @@ class SagaContext:
         returns ``default`` if one is given, else raises :class:`storno.SignalTimeoutError`.
         """
         limit = None if timeout is None else _seconds(timeout, "timeout")
-        return await _waits.wait_signal(self._x, name, limit, default is not _MISSING, default)
+        return await self._x.wait_signal(name, limit, default is not _MISSING, default)
 
     async def wait_for_approval(
         self, *, timeout: float | timedelta | None = None, early: bool | None = None
@@ -131,11 +130,11 @@ class SagaContext:
         taken unless ``early=True`` (default: the saga's ``early_approvals``).
         """
         limit = None if timeout is None else _seconds(timeout, "timeout")
-        return _decide(await _waits.wait_approval(self._x, limit, early))
+        return _decide(await self._x.wait_approval(limit, early))
 
     def publish(self, name: str, value: Any) -> None:
         """Publish a small named value (e.g. ``phase``) that anyone can query while it runs."""
-        _waits.publish(self._x, name, value)
+        self._x.publish(name, value)
 
     def now(self) -> datetime:
         """The current time (UTC), recorded so that a replay sees the same value."""
@@ -144,7 +143,7 @@ class SagaContext:
 
     def random(self) -> float:
         """A random float in [0, 1), recorded."""
-        value: float = self._x.record_value("random", self._x.rng.random)
+        value: float = self._x.record_value("random", self._x.random)
         return value
 
     def uuid4(self) -> uuid.UUID:
@@ -156,14 +155,14 @@ class SagaContext:
 class SyncSagaContext:
     """What a plain (``def``) saga body uses; it runs in a thread and blocks on each call."""
 
-    def __init__(self, execution: RunExecution, loop: asyncio.AbstractEventLoop) -> None:
-        self._x = execution
+    def __init__(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
+        self._x = runtime
         self._loop = loop
-        self._async = SagaContext(execution)
+        self._async = SagaContext(runtime)
 
     @property
     def run_id(self) -> str:
-        return self._x.record.run_id
+        return self._x.run_id
 
     def _sync(self, fn: Callable[[], Any]) -> Any:
         async def call() -> Any:
@@ -179,7 +178,7 @@ class SyncSagaContext:
 
     def child(self, saga: Saga[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Start ``saga`` as a child run and wait (durably) for its result."""
-        result: R = self._sync(lambda: _waits.call_child(self._x, saga, args, kwargs))
+        result: R = self._sync(lambda: self._x.call_child(saga, args, kwargs))
         return result
 
     def sleep(self, duration: float | timedelta) -> None:
@@ -213,14 +212,14 @@ class SyncSagaContext:
 
     def publish(self, name: str, value: Any) -> None:
         """Publish a small named value for queries."""
-        self._sync(lambda: _waits.publish(self._x, name, value))
+        self._sync(lambda: self._x.publish(name, value))
 
     def now(self) -> datetime:
         value: datetime = self._sync(lambda: self._x.record_value("now", self._x.wall_time))
         return value
 
     def random(self) -> float:
-        value: float = self._sync(lambda: self._x.record_value("random", self._x.rng.random))
+        value: float = self._sync(lambda: self._x.record_value("random", self._x.random))
         return value
 
     def uuid4(self) -> uuid.UUID:

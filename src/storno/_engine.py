@@ -1,28 +1,26 @@
-"""The engine: runs one saga run under a lease, from its history to an end.
+"""The engine: drives one saga run under a lease, from its history to an end.
 
-On every (re)start the saga body runs again from the top. Each ``ctx.step`` or recorded value
-takes the next *position*; where the history already holds that position the recorded outcome
-is returned instead of calling the other system again. A step's start is made durable before
-its call (which registers its compensation, rule 1); its result is buffered and made durable
-with the run's next write, so a step costs one commit. A crash in that window only makes the
-outcome unknown, which the engine handles anyway (rule 3).
+:class:`RunExecution` builds a run's collaborators, each owning its state, and drives the run:
+the :class:`~storno._journal.Journal` (events, commits, fencing, the deferred first write), the
+:class:`~storno._replay.Replay` cursor (positions, recorded history, mismatches, the order
+rule), the :class:`~storno._inbox.Inbox` (signals, approvals, cancel requests, child outcomes)
+and the :class:`~storno._attempts.Calls` of the one attempt loop shared by steps, read-backs and
+compensations. It implements the :class:`~storno._runtime.Runtime` a saga's context calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from datetime import UTC, datetime
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from storno import _faults
+from storno import _faults, _waits
 from storno._attempts import Calls
 from storno._clock import Clock
 from storno._compensation import compensate
@@ -30,41 +28,24 @@ from storno._context import SagaContext, SyncSagaContext
 from storno._definitions import Saga, Step
 from storno._errors import (
     ArgumentMismatchError,
-    DeterminismError,
     LeaseLostError,
     StepFailedError,
-    StoreError,
     error_info,
 )
 from storno._history import fold
-from storno._model import (
-    Event,
-    EventType,
-    InboxMessage,
-    Lease,
-    MessageKind,
-    RetryPolicy,
-    RunRecord,
-    RunStatus,
-)
+from storno._inbox import Cancelled, Inbox
+from storno._journal import Birth, Journal
+from storno._model import Event, EventType, InboxMessage, Lease, MessageKind, RunRecord, RunStatus
+from storno._replay import Replay
 from storno._serde import decode, describe, encode
 from storno._steps import ForwardAttempts
 from storno._store import NewRun, RunExistsError, RunUpdate, Store
-from storno._waits import (
-    Cancelled,
-    Suspend,
-    check_cancel,
-    check_order,
-)
 
-__all__ = ["Birth", "EngineHost", "RunExecution"]
+__all__ = ["EngineHost", "RunExecution"]
 
 log = logging.getLogger("storno.engine")
-P = ParamSpec("P")
-R = TypeVar("R")
+T = TypeVar("T")
 _BIRTH_DELAY = 0.05  # seconds a start waits for the body's first write before forcing it
-_TOUCH_EVERY = 1.0  # seconds between updates of a running run's row (updated_at, lease)
-_COMMIT_RETRY = RetryPolicy(initial_interval=0.05, maximum_interval=2.0, maximum_attempts=6)
 
 
 class EngineHost(Protocol):
@@ -94,27 +75,6 @@ class EngineHost(Protocol):
         """Events of a run were made durable by this process (for listeners: metrics, logs)."""
 
 
-class Birth:
-    """A run started here that its first write creates, saving a commit; ``recorded`` is
-    settled once it is durable (or failed to be). A body that has not written by then is
-    made to write after :data:`_BIRTH_DELAY`, so that the start is never held up long."""
-
-    def __init__(self, run: NewRun) -> None:
-        self.run = run
-        self.recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def settle(self, error: BaseException | None = None) -> None:
-        if not self.recorded.done():
-            if error is None:
-                self.recorded.set_result(None)
-            else:
-                self.recorded.set_exception(error)
-
-    def abandon(self) -> None:
-        """The execution stopped; a run never written was never created."""
-        self.settle(StoreError(f"run {self.run.run_id} stopped before it was recorded"))
-
-
 class RunExecution:
     """One run driven forward (or back) by one worker under one lease."""
 
@@ -128,37 +88,16 @@ class RunExecution:
     ):
         self.host = host
         self.record = record
-        self.lease = lease
-        self.events: list[Event] = list(history)
-        self.pending: list[Event] = []
-        self.next_seq = history[-1].seq + 1 if history else 0
-        self.recorded = fold(history)
-        self.position = 0
-        self.forward_only_since: str | None = None
-        self.park_error: DeterminismError | None = None
-        self.lease_lost = False
-        self.released = False  # the run's lease was given up: it ended, parked or suspended
-        self.ended: RunRecord | None = None  # the run's final state, once it ended here
-        self.written_result, self.written_error = record.result, record.error
-        self.touched_at = host.clock.now()  # the claim just wrote the run's row
-        # The step objects the body called, with any call-site overrides: compensation uses
-        # them first, and looks steps up by name only when the body did not run this time.
-        self.steps_used: dict[int, Step[..., Any]] = {}
-        self.in_flight: dict[int, str] = {}  # positions of steps being called right now
+        recorded = fold(history)
+        self.inbox = Inbox(
+            host.store, record.run_id, latest=record.inbox_seq, consumed=recorded.consumed
+        )
+        self.journal = Journal(host, record, lease, history, self.inbox, birth)
+        self.replay = Replay(recorded)
         self.calls = Calls(host.step_executor)
-        self.commit_lock = asyncio.Lock()  # parallel branches commit one after another
-        self.inbox: list[InboxMessage] = []
-        self.inbox_seen = 0  # newest message loaded into self.inbox
-        self.inbox_latest = record.inbox_seq  # newest message the store told us of
-        self.cancel_checked = 0
-        self.consumed = set(self.recorded.consumed)
-        self.state: dict[str, Any] = dict(record.state or {})
-        self.state_dirty = False
-        self.deferred_update: RunUpdate | None = None  # goes with the next commit
-        self.birth = birth
-        self.create = birth.run if birth else None  # the run to insert with the first write
+        self.ended: RunRecord | None = None  # the run's final state, once it ended here
         if len(history) > 1 or record.epoch > 1:
-            self.append(
+            self.journal.append(
                 EventType.RUN_RESUMED,
                 data={"worker": lease.owner, "epoch": lease.epoch, "status": record.status.value},
             )
@@ -168,94 +107,129 @@ class RunExecution:
         """Jitter and ``ctx.random()``; made on first use (seeding costs two system calls)."""
         return random.Random()
 
-    # --- the journal -------------------------------------------------------------------
+    @property
+    def holds_lease(self) -> bool:
+        """Whether this execution still has a lease to renew: written, not given up."""
+        return not (self.journal.released or self.journal.unborn)
 
-    def append(
-        self,
-        type: EventType,
-        position: int | None = None,
-        data: dict[str, Any] | None = None,
-        payload: str | None = None,
-    ) -> None:
-        event = Event(self.next_seq, type, self.host.clock.now(), position, data or {}, payload)
-        self.next_seq += 1
-        self.pending.append(event)
-        self.events.append(event)
+    # --- the runtime a saga context calls --------------------------------------------
 
-    async def commit(self, update: RunUpdate | None = None) -> None:
-        """Make the buffered events (and the update) durable, renewing the lease."""
-        async with self.commit_lock:
-            deferred = self.deferred_update
-            if deferred is not None:
-                if update is None:
-                    update = deferred
-                elif update.error is None:
-                    update = dataclasses.replace(update, error=deferred.error)
-            failures = 0
-            while True:
-                events, self.pending = self.pending, []
-                state = json.dumps(self.state) if self.state_dirty else None
-                self.state_dirty = False
-                now = self.host.clock.now()
-                # Appending alone leaves the run's row untouched; the row's last change and
-                # lease are refreshed a few times a second at most (the heartbeat renews too).
-                touch = now - self.touched_at >= min(_TOUCH_EVERY, self.host.lease_seconds / 4)
-                try:
-                    latest = await self.host.store.write(
-                        self.lease,
-                        events,
-                        update,
-                        now=now,
-                        lease_seconds=self.host.lease_seconds,
-                        state=state,
-                        touch=touch,
-                        create=self.create,
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    def now(self) -> float:
+        return self.host.clock.now()
+
+    def wall_time(self) -> datetime:
+        return datetime.fromtimestamp(self.host.clock.now(), UTC)
+
+    def random(self) -> float:
+        return self.rng.random()
+
+    async def call_child(self, saga: Saga[..., Any], args: Any, kwargs: Any) -> Any:
+        return await _waits.call_child(self, saga, args, kwargs)
+
+    async def gather(self, calls: Iterable[Awaitable[T]]) -> list[T]:
+        return await _waits.gather(calls)
+
+    async def sleep_until(self, wake_at: float) -> None:
+        await _waits.sleep_until(self, wake_at)
+
+    async def wait_signal(
+        self, name: str, timeout: float | None, has_default: bool, default: Any
+    ) -> Any:
+        return await _waits.wait_signal(self, name, timeout, has_default, default)
+
+    async def wait_approval(self, timeout: float | None, early: bool | None) -> Any:
+        return await _waits.wait_approval(self, timeout, early)
+
+    def publish(self, name: str, value: Any) -> None:
+        text = self.encode_value(value, f"published value {name!r}")
+        self.journal.publish(name, decode(text))
+
+    def record_value(self, name: str, make: Callable[[], Any]) -> Any:
+        position = self.take_position(f"ctx.{name}()")
+        found, text = self.replay.value_at(position, name)
+        if found:
+            return decode(text or "null", what=f"recorded ctx.{name}()")
+        value = make()
+        text = self.encode_value(value, f"ctx.{name}()")
+        self.journal.append(EventType.VALUE_RECORDED, position, {"name": name}, text)
+        return value
+
+    async def call_step(self, step: Step[..., Any], args: Any, kwargs: Any) -> Any:
+        position = self.take_position(f"step {step.name!r}")
+        await self.check_cancel()
+        replay = self.replay
+        replay.use(position, step)
+        step.check_runnable()
+        replay.check_order(step.kind, step.name, position)
+        try:
+            step.check_arguments(args, kwargs)
+        except TypeError as exc:
+            raise TypeError(f"step {step.name!r} called with bad arguments: {exc}") from None
+        args_text = self.encode_value(
+            {"args": list(args), "kwargs": dict(kwargs)}, f"arguments of step {step.name!r}"
+        )
+        state = replay.step_at(position, f"step {step.name!r}")
+        if state is not None:
+            if state.name != step.name or state.child_run_id is not None:
+                raise replay.mismatch(position, f"step {step.name!r}")
+            if state.args != args_text:
+                raise replay.park(
+                    ArgumentMismatchError(
+                        step.name, state.key, describe(state.args or "null"), describe(args_text)
                     )
-                except StoreError as exc:
-                    self.pending[:0] = events
-                    self.state_dirty = self.state_dirty or state is not None
-                    if isinstance(exc, LeaseLostError):
-                        self.lease_lost = True
-                        self._born(exc)
-                        raise
-                    failures += 1
-                    if not _COMMIT_RETRY.allows_another(failures):
-                        self._born(exc)
-                        raise
-                    log.warning("run %s: write failed, retrying: %s", self.record.run_id, exc)
-                    await asyncio.sleep(_COMMIT_RETRY.delay(failures))
-                    continue
-                if touch or update is not None or state is not None:
-                    self.touched_at = now
-                if self.deferred_update is deferred:  # not one set while this write ran
-                    self.deferred_update = None
-                self._born(None)
-                self.inbox_latest = max(self.inbox_latest, latest)
-                if update is not None:  # the store keeps the last result and error written
-                    self.written_result = update.result or self.written_result
-                    self.written_error = update.error or self.written_error
-                self.released = update is not None and update.release
-                if events:
-                    self.host.committed(self.record, events)
-                return
+                )
+            if state.status == "completed":
+                return decode(state.result or "null", what=f"recorded result of {step.name!r}")
+            if state.status == "failed":
+                cause = (state.error or {}).get("cause") or state.error or {}
+                raise StepFailedError(
+                    step.name,
+                    position,
+                    "recorded failure",
+                    cause.get("type", "Error"),
+                    cause.get("message", ""),
+                    state.outcome_unknown,
+                )
+        replay.calling(position, step.name)
+        try:
+            attempts = ForwardAttempts(self, step, position, args, kwargs, args_text, state)
+            return await attempts.run()
+        finally:
+            replay.called(position)
 
-    def _born(self, error: BaseException | None) -> None:
-        if self.birth is not None:
-            self.create = None
-            self.birth.settle(error)
-            self.birth = None
+    # --- what the engine's parts share ------------------------------------------------
 
-    async def _force_birth(self) -> None:
-        """Write the run now if its body has not yet: its start is waiting for that."""
-        if self.create is not None:
-            with contextlib.suppress(StoreError):
-                await self.commit()
+    def take_position(self, what: str) -> int:
+        if self.journal.lease_lost:
+            raise LeaseLostError(f"run {self.record.run_id}: lease lost, {what} refused")
+        return self.replay.take()
+
+    def encode_value(self, value: Any, what: str) -> str:
+        return encode(value, what=what, limit=self.host.max_payload_bytes)
+
+    async def check_cancel(self) -> None:
+        """Honour a cancel request that arrived: compensate before the pivot, else refuse."""
+        for message in await self.inbox.cancels():
+            self.inbox.consume(message)
+            by, reason = message.meta.get("by"), message.meta.get("reason")
+            data = {"inbox_seq": message.seq, "by": by, "reason": reason}
+            past = fold(self.journal.events).point_of_no_return()
+            if past is not None:
+                data["step"] = past.name
+                self.journal.append(EventType.CANCEL_REFUSED, data=data)
+                continue
+            self.journal.append(EventType.CANCEL_REQUESTED, data=data)
+            raise Cancelled(by, reason)
 
     async def end(self, update: RunUpdate) -> None:
         """Record the run's end (or parking); a child tells its parent in the same write."""
         parent = self.record.parent_run_id
         if parent is not None:
-            past = fold(self.events).point_of_no_return()
+            past = fold(self.journal.events).point_of_no_return()
             message = InboxMessage(
                 MessageKind.CHILD,
                 self.record.run_id,
@@ -267,23 +241,17 @@ class RunExecution:
                 },
             )
             update = dataclasses.replace(update, notify_run_id=parent, notify=message)
-        await self.commit(update)
+        await self.journal.commit(update)
         self.ended = dataclasses.replace(
             self.record,
             status=update.status,
-            result=self.written_result,
-            error=self.written_error,
+            result=self.journal.result,
+            error=self.journal.error,
             owner=None,
             lease_expires_at=None,
         )
         if parent is not None:
             self.host.wake_workers()
-
-    def wall_time(self) -> datetime:
-        return datetime.fromtimestamp(self.host.clock.now(), UTC)
-
-    def encode_value(self, value: Any, what: str) -> str:
-        return encode(value, what=what, limit=self.host.max_payload_bytes)
 
     # --- driving the run ---------------------------------------------------------------
 
@@ -291,9 +259,10 @@ class RunExecution:
         """Drive the run until it ends, parks, or this worker loses its lease."""
         forcing: list[asyncio.Task[None]] = []
         timer = None
-        if self.birth is not None:
+        if self.journal.unborn:
             timer = asyncio.get_running_loop().call_later(
-                _BIRTH_DELAY, lambda: forcing.append(asyncio.create_task(self._force_birth()))
+                _BIRTH_DELAY,
+                lambda: forcing.append(asyncio.create_task(self.journal.force_birth())),
             )
         try:
             await self._execute()
@@ -323,8 +292,9 @@ class RunExecution:
         saga = self.host.find_saga(self.record.saga)
         payload: Any = decode(self.record.input, what=f"input of run {self.record.run_id}")
         args, kwargs = payload["args"], payload["kwargs"]
+        replay, journal = self.replay, self.journal
         try:
-            await check_cancel(self)
+            await self.check_cancel()
             if self.record.deadline is not None and self.host.clock.now() > self.record.deadline:
                 raise TimeoutError("the run's deadline passed before it started")
             if saga.is_async:
@@ -333,45 +303,40 @@ class RunExecution:
                 loop = asyncio.get_running_loop()
                 call = functools.partial(saga.fn, SyncSagaContext(self, loop), *args, **kwargs)
                 result = await loop.run_in_executor(self.host.body_executor, call)
-            if self.park_error is None and self.recorded.last_position >= self.position:
-                what = self.recorded.kind_at(self.position)
-                self.park_error = DeterminismError(
-                    f"the history holds {what} at position {self.position}, which the saga "
-                    f"code no longer reaches; the code changed under a running run"
-                )
+            replay.unreached()
             result_text = self.encode_value(result, f"result of saga {saga.name!r}")
-        except Suspend as suspend:
-            if not self.lease_lost:
+        except _waits.Suspend as suspend:
+            if not journal.lease_lost:
                 await self._suspend(suspend.wake_at)
             return
         except Exception as exc:
-            if self.lease_lost:
+            if journal.lease_lost:
                 return
-            if self.park_error is not None:
-                await self._park(error_info(self.park_error))
+            if replay.park_error is not None:
+                await self._park(error_info(replay.park_error))
             else:
                 await self._end_forward(exc)
             return
-        if self.lease_lost:
+        if journal.lease_lost:
             return
-        if self.park_error is not None:
-            await self._park(error_info(self.park_error))
+        if replay.park_error is not None:
+            await self._park(error_info(replay.park_error))
             return
         _faults.point("run.ending", run_id=self.record.run_id, status="completed")
-        self.append(EventType.RUN_COMPLETED, payload=result_text)
+        journal.append(EventType.RUN_COMPLETED, payload=result_text)
         await self.end(RunUpdate(RunStatus.COMPLETED, result=result_text, release=True))
 
     async def _suspend(self, wake_at: float | None) -> None:
         """Release the run as waiting: no worker holds it until its wake time or a message."""
-        if self.park_error is not None:
-            await self._park(error_info(self.park_error))
+        if self.replay.park_error is not None:
+            await self._park(error_info(self.replay.park_error))
             return
         deadline = self.record.deadline
         if deadline is not None:
             wake_at = deadline if wake_at is None else min(wake_at, deadline)
-        self.append(EventType.RUN_WAITING, data={"wake_at": wake_at})
-        await self.commit(
-            RunUpdate(RunStatus.WAITING, release=True, wake_at=wake_at, seen_inbox=self.inbox_seen)
+        self.journal.append(EventType.RUN_WAITING, data={"wake_at": wake_at})
+        await self.journal.commit(
+            RunUpdate(RunStatus.WAITING, release=True, wake_at=wake_at, seen_inbox=self.inbox.seen)
         )
         if wake_at is not None:
             self.host.note_wake(wake_at)
@@ -380,7 +345,7 @@ class RunExecution:
         """Compensate before the point of no return; after it (or where a step past it may
         have taken effect) park the run for a person, saying what they can do (rule 5)."""
         error = error_info(exc)
-        past = fold(self.events).point_of_no_return()
+        past = fold(self.journal.events).point_of_no_return()
         if past is None:
             await compensate(self, error)
             return
@@ -413,78 +378,5 @@ class RunExecution:
                 f". Deploy code that matches the history, then `storno retry {run_id}`, or "
                 f"`storno resolve {run_id} --note ...`"
             )
-        self.append(EventType.RUN_NEEDS_ATTENTION, data={"error": error})
+        self.journal.append(EventType.RUN_NEEDS_ATTENTION, data={"error": error})
         await self.end(RunUpdate(RunStatus.NEEDS_ATTENTION, error=error, release=True))
-
-    # --- forward steps -----------------------------------------------------------------
-
-    def take_position(self, what: str) -> int:
-        if self.park_error is not None:
-            raise self.park_error
-        if self.lease_lost:
-            raise LeaseLostError(f"run {self.record.run_id}: lease lost, {what} refused")
-        position = self.position
-        self.position += 1
-        return position
-
-    def mismatch(self, position: int, wanted: str) -> DeterminismError:
-        self.park_error = DeterminismError(
-            f"at position {position} the saga code asks for {wanted} but the history recorded "
-            f"{self.recorded.kind_at(position)}; the code no longer matches this run's history"
-        )
-        return self.park_error
-
-    def record_value(self, name: str, make: Callable[[], Any]) -> Any:
-        position = self.take_position(f"ctx.{name}()")
-        recorded = self.recorded.values.get(position)
-        if recorded is not None and recorded[0] == name:
-            return decode(recorded[1] or "null", what=f"recorded ctx.{name}()")
-        if recorded is not None or position in self.recorded.steps:
-            raise self.mismatch(position, f"ctx.{name}()")
-        value = make()
-        text = self.encode_value(value, f"ctx.{name}()")
-        self.append(EventType.VALUE_RECORDED, position, {"name": name}, text)
-        return value
-
-    async def call_step(self, step: Step[..., Any], args: Any, kwargs: Any) -> Any:
-        position = self.take_position(f"step {step.name!r}")
-        await check_cancel(self)
-        self.steps_used[position] = step
-        step.check_runnable()
-        check_order(self, step.kind, step.name, position)
-        try:
-            step.check_arguments(args, kwargs)
-        except TypeError as exc:
-            raise TypeError(f"step {step.name!r} called with bad arguments: {exc}") from None
-        args_text = self.encode_value(
-            {"args": list(args), "kwargs": dict(kwargs)}, f"arguments of step {step.name!r}"
-        )
-        state = self.recorded.steps.get(position)
-        if state is None and (position in self.recorded.values or position in self.recorded.waits):
-            raise self.mismatch(position, f"step {step.name!r}")
-        if state is not None:
-            if state.name != step.name or state.child_run_id is not None:
-                raise self.mismatch(position, f"step {step.name!r}")
-            if state.args != args_text:
-                self.park_error = ArgumentMismatchError(
-                    step.name, state.key, describe(state.args or "null"), describe(args_text)
-                )
-                raise self.park_error
-            if state.status == "completed":
-                return decode(state.result or "null", what=f"recorded result of {step.name!r}")
-            if state.status == "failed":
-                cause = (state.error or {}).get("cause") or state.error or {}
-                raise StepFailedError(
-                    step.name,
-                    position,
-                    "recorded failure",
-                    cause.get("type", "Error"),
-                    cause.get("message", ""),
-                    state.outcome_unknown,
-                )
-        self.in_flight[position] = step.name
-        try:
-            attempts = ForwardAttempts(self, step, position, args, kwargs, args_text, state)
-            return await attempts.run()
-        finally:
-            del self.in_flight[position]

@@ -17,7 +17,7 @@ from storno._definitions import Saga, Step
 from storno._errors import ConfigurationError, PlanError
 from storno._model import StepKind
 
-__all__ = ["PLAN_SAGA", "Plan", "PlanStep", "parse_plan", "validate_plan"]
+__all__ = ["PLAN_SAGA_NAME", "Plan", "PlanStep", "parse_plan", "plan_saga", "validate_plan"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,21 +141,19 @@ def _order_problems(steps: list[tuple[int, str, Step[..., Any]]]) -> list[str]:
     return problems
 
 
-async def _run_plan(ctx: SagaContext, plan: dict[str, Any]) -> list[Any]:
-    host = ctx._x.host
-    parsed = parse_plan(plan)
-
-    def lookup(name: str) -> Step[..., Any] | None:
-        try:
-            return host.find_step(name, None)
-        except ConfigurationError:
-            return None
-
-    steps = validate_plan(parsed, lookup)
-    return [
-        await ctx.step(step, *call.args, **call.kwargs)
-        for step, call in zip(steps, parsed.steps, strict=True)
-    ]
+PLAN_SAGA_NAME = "storno.plan"
 
 
-PLAN_SAGA: Saga[..., list[Any]] = Saga(_run_plan, name="storno.plan", timeout=None)
+def plan_saga(find_step: Callable[[str], Step[..., Any] | None]) -> Saga[..., list[Any]]:
+    """The saga that runs plans, looking their steps up with ``find_step`` (an application's
+    registry): the plan is checked again when it runs, as the registry may have changed."""
+
+    async def run_plan(ctx: SagaContext, plan: dict[str, Any]) -> list[Any]:
+        parsed = parse_plan(plan)
+        steps = validate_plan(parsed, find_step)
+        return [
+            await ctx.step(step, *call.args, **call.kwargs)
+            for step, call in zip(steps, parsed.steps, strict=True)
+        ]
+
+    return Saga(run_plan, name=PLAN_SAGA_NAME, timeout=None)

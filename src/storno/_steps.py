@@ -16,9 +16,9 @@ from storno._attempts import Budget, Failure, classify, failure_data, run_attemp
 from storno._definitions import NOT_APPLIED, UNKNOWN, NotApplied, Step, StepContext
 from storno._errors import SerializationError, StepFailedError, error_info
 from storno._history import StepState
+from storno._inbox import Cancelled
 from storno._model import EventType, forward_key
 from storno._serde import decode
-from storno._waits import Cancelled, check_cancel
 
 if TYPE_CHECKING:
     from storno._engine import RunExecution
@@ -66,7 +66,7 @@ class ForwardAttempts:
             retry_after = info.get("retry_after")
             last = Failure(info, info.get("retryable") is not False, False, False, retry_after)
         if state is not None and state.last_attempt_open:
-            x.append(
+            x.journal.append(
                 EventType.OUTCOME_UNKNOWN,
                 self.position,
                 {"attempt": state.attempts, "reason": "no outcome was recorded for this attempt"},
@@ -99,7 +99,7 @@ class ForwardAttempts:
 
     async def begin(self, number: int) -> None:
         x, step = self.x, self.step
-        x.append(
+        x.journal.append(
             EventType.STEP_STARTED,
             self.position,
             {
@@ -111,14 +111,14 @@ class ForwardAttempts:
             },
             self.args_text,
         )
-        await x.commit()
+        await x.journal.commit()
         try:
             # The commit tells of messages that came while the previous step ran.
-            await check_cancel(x)
+            await x.check_cancel()
         except Cancelled:
             error = {"type": "Cancelled", "message": "cancelled before the call"}
             data = {"attempt": number, "outcome_unknown": self.unknown, "error": error}
-            x.append(EventType.ATTEMPT_FAILED, self.position, {**data, "lost": False})
+            x.journal.append(EventType.ATTEMPT_FAILED, self.position, {**data, "lost": False})
             raise
 
     async def call(self, number: int, time_left: float | None) -> Any:
@@ -139,7 +139,9 @@ class ForwardAttempts:
             text = self.x.encode_value(result, f"result of step {step.name!r}")
         except SerializationError as exc:
             raise self._fail("its result cannot be recorded", error_info(exc), True) from exc
-        self.x.append(EventType.STEP_COMPLETED, self.position, {"attempt": number, **data}, text)
+        self.x.journal.append(
+            EventType.STEP_COMPLETED, self.position, {"attempt": number, **data}, text
+        )
         return decode(text)
 
     def classify(self, exc: Exception) -> Failure:
@@ -163,8 +165,8 @@ class ForwardAttempts:
                 f"still land; waiting up to {step.thread_grace:g}s for it"
             )
             data = {"attempt": number, "reason": reason, "still_running": True}
-            x.append(EventType.OUTCOME_UNKNOWN, self.position, data)
-            await x.commit()
+            x.journal.append(EventType.OUTCOME_UNKNOWN, self.position, data)
+            await x.journal.commit()
             late = await x.calls.settle(self.position, _ROLE, step.thread_grace)
             if late is not None and late.finished:
                 if late.error is None:
@@ -177,7 +179,7 @@ class ForwardAttempts:
             self.unknown = True
         elif failure.not_applied:
             self.unknown = False
-        x.append(
+        x.journal.append(
             EventType.ATTEMPT_FAILED, self.position, failure_data(number, failure, self.unknown)
         )
         if failure.lost:
@@ -203,7 +205,7 @@ class ForwardAttempts:
             error.get("message", ""),
             unknown,
         )
-        self.x.append(
+        self.x.journal.append(
             EventType.STEP_FAILED,
             self.position,
             {"reason": reason, "error": error_info(failure), "outcome_unknown": unknown},
@@ -234,7 +236,7 @@ async def read_back(
             step.verify_fn, context, args, kwargs, step.verify_timeout, slot=(position, "verify")
         )
     except Exception as exc:
-        x.append(
+        x.journal.append(
             EventType.OUTCOME_UNKNOWN,
             position,
             {"attempt": attempt, "reason": "read-back failed", "error": error_info(exc)},
@@ -243,10 +245,12 @@ async def read_back(
     if isinstance(found, NotApplied):
         if x.calls.still_running(position, _ROLE):
             reason = "read-back found nothing, but the call is still running and may still land"
-            x.append(EventType.OUTCOME_UNKNOWN, position, {"attempt": attempt, "reason": reason})
+            x.journal.append(
+                EventType.OUTCOME_UNKNOWN, position, {"attempt": attempt, "reason": reason}
+            )
             return UNKNOWN
-        x.append(EventType.VERIFIED, position, {"attempt": attempt, "applied": False})
+        x.journal.append(EventType.VERIFIED, position, {"attempt": attempt, "applied": False})
         return NOT_APPLIED
     text = x.encode_value(found, f"read-back result of step {step.name!r}")
-    x.append(EventType.VERIFIED, position, {"attempt": attempt, "applied": True}, text)
+    x.journal.append(EventType.VERIFIED, position, {"attempt": attempt, "applied": True}, text)
     return decode(text)

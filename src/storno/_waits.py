@@ -18,16 +18,14 @@ from storno._definitions import Saga
 from storno._errors import (
     ChildFailedError,
     ConfigurationError,
-    PlanError,
     SignalTimeoutError,
 )
-from storno._history import StepState, WaitState, fold
+from storno._history import StepState, WaitState
 from storno._model import (
     APPROVAL_WAIT,
     RESERVED_PREFIX,
     Event,
     EventType,
-    InboxMessage,
     MessageKind,
     RunStatus,
     StepKind,
@@ -40,14 +38,10 @@ if TYPE_CHECKING:
     from storno._engine import RunExecution
 
 __all__ = [
-    "Cancelled",
     "Suspend",
     "call_child",
-    "check_cancel",
-    "check_order",
     "child_run_id",
     "gather",
-    "publish",
     "sleep_until",
     "wait_approval",
     "wait_signal",
@@ -65,57 +59,9 @@ class Suspend(BaseException):
         self.wake_at = wake_at
 
 
-class Cancelled(BaseException):
-    """Raised through a saga body when an operator cancelled the run before its pivot."""
-
-    def __init__(self, by: str | None, reason: str | None) -> None:
-        super().__init__(f"cancelled by {by or 'someone'}: {reason or 'no reason given'}")
-        self.by = by
-        self.reason = reason
-
-
 def child_run_id(parent: str, position: int) -> str:
     """A child's run id: derived from the parent's structure, so a replay finds it again."""
     return f"{parent}/{position}"
-
-
-async def refresh_inbox(x: RunExecution) -> None:
-    """Load inbox messages the run has not seen yet."""
-    if x.inbox_latest <= x.inbox_seen:
-        return
-    for message in await x.host.store.inbox(x.record.run_id, after=x.inbox_seen):
-        x.inbox.append(message)
-        x.inbox_seen = max(x.inbox_seen, message.seq)
-    x.inbox_latest = max(x.inbox_latest, x.inbox_seen)
-
-
-def _take_message(x: RunExecution, kind: MessageKind, name: str) -> InboxMessage | None:
-    for message in x.inbox:
-        if message.kind is kind and message.name == name and message.seq not in x.consumed:
-            x.consumed.add(message.seq)
-            return message
-    return None
-
-
-async def check_cancel(x: RunExecution) -> None:
-    """Honour a cancel request that arrived: compensate before the pivot, else refuse."""
-    if x.cancel_checked >= x.inbox_latest:
-        return
-    await refresh_inbox(x)
-    x.cancel_checked = x.inbox_seen
-    for message in x.inbox:
-        if message.kind is not MessageKind.CANCEL or message.seq in x.consumed:
-            continue
-        x.consumed.add(message.seq)
-        by, reason = message.meta.get("by"), message.meta.get("reason")
-        data = {"inbox_seq": message.seq, "by": by, "reason": reason}
-        past = fold(x.events).point_of_no_return()
-        if past is not None:
-            data["step"] = past.name
-            x.append(EventType.CANCEL_REFUSED, data=data)
-            continue
-        x.append(EventType.CANCEL_REQUESTED, data=data)
-        raise Cancelled(by, reason)
 
 
 def _wait_at(
@@ -124,11 +70,7 @@ def _wait_at(
     """Take the next position for a wait; return it, its state, and whether it is new.
     ``name`` ``None`` matches a recorded wait of that kind under any name."""
     position = x.take_position(what)
-    wait = x.recorded.waits.get(position)
-    if wait is None and (position in x.recorded.steps or position in x.recorded.values):
-        raise x.mismatch(position, what)
-    if wait is not None and (wait.kind != kind or name not in (None, wait.name)):
-        raise x.mismatch(position, what)
+    wait = x.replay.wait_at(position, kind, name, what)
     if wait is None:
         return position, WaitState(position, kind, name or "", None), True
     return position, wait, False
@@ -136,15 +78,15 @@ def _wait_at(
 
 async def sleep_until(x: RunExecution, wake_at: float) -> None:
     position, wait, new = _wait_at(x, "sleep", "", "ctx.sleep()")
-    await check_cancel(x)
+    await x.check_cancel()
     if wait.status == "done":
         return
     if new:
         wait.until = check_time(wake_at, "the end of ctx.sleep()")
-        x.append(EventType.TIMER_STARTED, position, {"until": wake_at})
+        x.journal.append(EventType.TIMER_STARTED, position, {"until": wake_at})
     assert wait.until is not None
     if x.host.clock.now() >= wait.until:
-        x.append(EventType.TIMER_FIRED, position)
+        x.journal.append(EventType.TIMER_FIRED, position)
         return
     raise Suspend(wait.until)
 
@@ -158,7 +100,7 @@ async def wait_signal(
             f"{name!r}; use ctx.wait_for_approval() for an operator's decision"
         )
     position, wait, new = _wait_at(x, "signal", name, f"a wait for signal {name!r}")
-    await check_cancel(x)
+    await x.check_cancel()
     if wait.status == "done":
         return decode(wait.payload or "null", what=f"signal {name!r}")
     if wait.status == "timed_out":
@@ -167,23 +109,23 @@ async def wait_signal(
     if new:
         wait.until = None if timeout is None else check_time(now + timeout, "the wait's timeout")
         data = {"name": name, "until": wait.until}
-        x.append(EventType.SIGNAL_WAIT_STARTED, position, data)
-    await refresh_inbox(x)
-    message = _take_message(x, MessageKind.SIGNAL, name)
+        x.journal.append(EventType.SIGNAL_WAIT_STARTED, position, data)
+    await x.inbox.refresh()
+    message = x.inbox.take(MessageKind.SIGNAL, name)
     if message is not None:
         data = {**message.meta, "name": name, "inbox_seq": message.seq}
         data["id"] = message.message_id
-        x.append(EventType.SIGNAL_RECEIVED, position, data, message.payload)
+        x.journal.append(EventType.SIGNAL_RECEIVED, position, data, message.payload)
         return decode(message.payload or "null", what=f"signal {name!r}")
     if wait.until is not None and now >= wait.until:
-        x.append(EventType.SIGNAL_TIMED_OUT, position, {"name": name})
+        x.journal.append(EventType.SIGNAL_TIMED_OUT, position, {"name": name})
         return _timed_out(name, has_default, default)
     raise Suspend(wait.until)
 
 
 def early_approvals(x: RunExecution) -> bool:
     """Whether the run's saga declared, when the run started, that approvals may come early."""
-    first = x.events[0] if x.events else None
+    first = x.journal.events[0] if x.journal.events else None
     return bool(first is not None and first.data.get("early_approvals"))
 
 
@@ -195,7 +137,7 @@ async def wait_approval(x: RunExecution, timeout: float | None, early: bool | No
     """
     what = "ctx.wait_for_approval()"
     position, wait, new = _wait_at(x, "approval", None, what)
-    await check_cancel(x)
+    await x.check_cancel()
     if wait.status == "done":
         return decode(wait.payload or "null", what="approval")
     if wait.status == "timed_out":
@@ -205,44 +147,37 @@ async def wait_approval(x: RunExecution, timeout: float | None, early: bool | No
     now = x.host.clock.now()
     if new:
         # Load every message delivered so far: those are the ones sent before this wait.
-        for message in await x.host.store.inbox(x.record.run_id, after=x.inbox_seen):
-            x.inbox.append(message)
-            x.inbox_seen = max(x.inbox_seen, message.seq)
-        x.inbox_latest = max(x.inbox_latest, x.inbox_seen)
+        await x.inbox.load()
         wait.until = None if timeout is None else check_time(now + timeout, "the wait's timeout")
         data = {"name": APPROVAL_WAIT, "until": wait.until, "approval": True}
-        data.update(early=early, after=x.inbox_seen)
-        x.append(EventType.SIGNAL_WAIT_STARTED, position, data)
+        data.update(early=early, after=x.inbox.seen)
+        x.journal.append(EventType.SIGNAL_WAIT_STARTED, position, data)
         if not early:
-            for message in x.inbox:
-                if message.kind is MessageKind.APPROVAL and message.seq not in x.consumed:
-                    note = {"ignored_seq": message.seq, "by": message.meta.get("by")}
-                    x.append(EventType.APPROVAL_IGNORED, position, note)
+            for message in x.inbox.unconsumed(MessageKind.APPROVAL):
+                note = {"ignored_seq": message.seq, "by": message.meta.get("by")}
+                x.journal.append(EventType.APPROVAL_IGNORED, position, note)
     after = _approval_boundary(x, position)
-    ignored = {e.data.get("ignored_seq") for e in x.events if e.type is EventType.APPROVAL_IGNORED}
-    await refresh_inbox(x)
-    for message in x.inbox:
-        if (
-            message.kind is MessageKind.APPROVAL
-            and message.seq not in x.consumed
-            and message.seq not in ignored
-            and (early or after is None or message.seq > after)
-        ):
-            x.consumed.add(message.seq)
+    events = x.journal.events
+    ignored = {e.data.get("ignored_seq") for e in events if e.type is EventType.APPROVAL_IGNORED}
+    await x.inbox.refresh()
+    for message in x.inbox.unconsumed(MessageKind.APPROVAL):
+        if message.seq not in ignored and (early or after is None or message.seq > after):
+            x.inbox.consume(message)
             data = {**message.meta, "name": APPROVAL_WAIT, "inbox_seq": message.seq}
-            x.append(
+            x.journal.append(
                 EventType.SIGNAL_RECEIVED, position, {**data, "approval": True}, message.payload
             )
             return decode(message.payload or "null", what="approval")
     if wait.until is not None and now >= wait.until:
-        x.append(EventType.SIGNAL_TIMED_OUT, position, {"name": APPROVAL_WAIT, "approval": True})
+        data = {"name": APPROVAL_WAIT, "approval": True}
+        x.journal.append(EventType.SIGNAL_TIMED_OUT, position, data)
         raise _approval_timed_out()
     raise Suspend(wait.until)
 
 
 def _approval_boundary(x: RunExecution, position: int) -> int | None:
     """The newest inbox message sent before the approval wait at ``position`` began."""
-    for event in x.events:
+    for event in x.journal.events:
         if event.type is EventType.SIGNAL_WAIT_STARTED and event.position == position:
             after = event.data.get("after")
             return after if isinstance(after, int) else None
@@ -265,13 +200,7 @@ def _timed_out(name: str, has_default: bool, default: Any) -> Any:
     )
 
 
-def publish(x: RunExecution, name: str, value: Any) -> None:
-    text = x.encode_value(value, f"published value {name!r}")
-    x.state[name] = decode(text)
-    x.state_dirty = True
-
-
-async def gather(x: RunExecution, calls: Iterable[Awaitable[T]]) -> list[T]:
+async def gather(calls: Iterable[Awaitable[T]]) -> list[T]:
     # Tasks start in creation order, and each takes its position before its first await.
     tasks = [asyncio.ensure_future(call) for call in calls]
     if not tasks:
@@ -293,14 +222,12 @@ async def gather(x: RunExecution, calls: Iterable[Awaitable[T]]) -> list[T]:
 async def call_child(x: RunExecution, saga: Saga[..., Any], args: Any, kwargs: Any) -> Any:
     run_id = x.record.run_id
     position = x.take_position(f"child saga {saga.name!r}")
-    await check_cancel(x)
+    await x.check_cancel()
     child_id = child_run_id(run_id, position)
-    state = x.recorded.steps.get(position)
-    if state is None and (position in x.recorded.values or position in x.recorded.waits):
-        raise x.mismatch(position, f"child saga {saga.name!r}")
+    state = x.replay.step_at(position, f"child saga {saga.name!r}")
     if state is not None and (state.child_run_id is None or state.name != saga.name):
-        raise x.mismatch(position, f"child saga {saga.name!r}")
-    check_order(x, StepKind.COMPENSABLE, saga.name, position)
+        raise x.replay.mismatch(position, f"child saga {saga.name!r}")
+    x.replay.check_order(StepKind.COMPENSABLE, saga.name, position)
     input_text = x.encode_value(
         {"args": list(args), "kwargs": dict(kwargs)}, f"input of child saga {saga.name!r}"
     )
@@ -320,8 +247,8 @@ async def call_child(x: RunExecution, saga: Saga[..., Any], args: Any, kwargs: A
             "child": child_id,
             "kind": StepKind.COMPENSABLE.value,
         }
-        x.append(EventType.CHILD_STARTED, position, data, input_text)
-        await x.commit()
+        x.journal.append(EventType.CHILD_STARTED, position, data, input_text)
+        await x.journal.commit()
         now = x.host.clock.now()
         event_data: dict[str, Any] = {"saga": saga.name, "parent": run_id}
         if saga.early_approvals:
@@ -334,15 +261,15 @@ async def call_child(x: RunExecution, saga: Saga[..., Any], args: Any, kwargs: A
         return decode(state.result or "null", what=f"result of child {child_id}")
     if state.status == "failed":
         raise _child_failed(saga.name, position, child_id, state.error or {})
-    await refresh_inbox(x)
-    message = _take_message(x, MessageKind.CHILD, child_id)
+    await x.inbox.refresh()
+    message = x.inbox.take(MessageKind.CHILD, child_id)
     if message is None:
         raise Suspend(None)
     status: str = message.meta.get("status", "")
     error: dict[str, Any] = message.meta.get("error") or {}
     past_pivot = bool(message.meta.get("past_pivot"))
     data = {"inbox_seq": message.seq, "status": status, "child": child_id}
-    x.append(
+    x.journal.append(
         EventType.CHILD_ENDED,
         position,
         {**data, "error": error, "past_pivot": past_pivot},
@@ -351,7 +278,7 @@ async def call_child(x: RunExecution, saga: Saga[..., Any], args: Any, kwargs: A
     state.last_attempt_open = False
     if past_pivot:
         state.kind = StepKind.NONCOMPENSABLE
-        x.forward_only_since = x.forward_only_since or saga.name
+        x.replay.passed_point_of_no_return(saga.name)
     if status == RunStatus.COMPLETED.value:
         state.status, state.result = "completed", message.payload
         return decode(message.payload or "null", what=f"result of child {child_id}")
@@ -363,23 +290,3 @@ def _child_failed(
     saga: str, position: int, child_id: str, error: dict[str, Any], status: str = "failed"
 ) -> ChildFailedError:
     return ChildFailedError(saga, position, child_id, status, error.get("message", ""))
-
-
-def check_order(x: RunExecution, kind: StepKind, name: str, position: int) -> None:
-    """Refuse a compensable step after the point of no return, and a point of no return
-    that would run alongside other steps (it could not be undone if they failed)."""
-    if kind is StepKind.COMPENSABLE and x.forward_only_since is not None:
-        raise PlanError(
-            f"step {name!r} (#{position}) is compensable but comes after "
-            f"{x.forward_only_since!r}, which cannot be compensated; compensable steps "
-            f"must all come before the pivot"
-        )
-    if kind is not StepKind.COMPENSABLE:
-        if x.in_flight:
-            others = ", ".join(repr(n) for n in x.in_flight.values())
-            raise PlanError(
-                f"step {name!r} (#{position}) is a point of no return but would run "
-                f"alongside {others}; await the other steps before the pivot"
-            )
-        if x.forward_only_since is None:
-            x.forward_only_since = name

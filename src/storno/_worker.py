@@ -16,8 +16,9 @@ import socket
 import uuid
 from typing import TYPE_CHECKING
 
-from storno._engine import Birth, RunExecution
+from storno._engine import RunExecution
 from storno._errors import ConfigurationError, StoreError
+from storno._journal import Birth
 from storno._model import Event, Lease, RunRecord
 
 if TYPE_CHECKING:
@@ -277,7 +278,7 @@ class Worker:
     def _released(self, run_id: str) -> bool:
         """Nothing to renew: the run is not executing yet or any more, or gave its lease up."""
         execution = self._executions.get(run_id)
-        return execution is None or execution.released or execution.create is not None
+        return execution is None or not execution.holds_lease
 
     async def _heartbeat_loop(self) -> None:
         interval = self.app.lease_seconds / 3

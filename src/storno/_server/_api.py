@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from storno import __version__
 from storno._errors import ConfigurationError, RunNotFoundError
 from storno._model import RESERVED_PREFIX, RunStatus
-from storno._plan import PLAN_SAGA
+from storno._plan import PLAN_SAGA_NAME
 from storno._server._auth import Principal, Role
 from storno._server._errors import ApiError
 from storno._server._guards import run_id_of
@@ -243,7 +243,7 @@ async def list_runs(
 def _saga_for(server: ServerState, name: str) -> Any:
     """The saga as declared, without the run id or schedule of an earlier start."""
     app = server.app
-    if name == PLAN_SAGA.name:
+    if name == PLAN_SAGA_NAME:
         raise ApiError(422, "unknown_saga", "start plans with POST /api/v1/plans")
     declared = server.sagas.get(name)
     if declared is not None:
@@ -251,7 +251,7 @@ def _saga_for(server: ServerState, name: str) -> Any:
     try:
         found = copy.copy(app.find_saga(name))
     except ConfigurationError:
-        known = ", ".join(n for n in app.saga_names if n != PLAN_SAGA.name) or "none"
+        known = ", ".join(n for n in app.saga_names if n != PLAN_SAGA_NAME) or "none"
         raise ApiError(
             422,
             "unknown_saga",
