@@ -15,7 +15,7 @@ import click
 
 from storno._app import Storno
 from storno._cli import _db_option, _echo_json, _load_app, _opened, _point_at, _ts
-from storno._server._stats import parse_duration
+from storno._model import parse_duration
 from storno._store._migrations import redact
 
 __all__ = ["COMMANDS"]
