@@ -479,3 +479,57 @@ def test_worker_logs_a_dead_letter_as_an_error_on_one_line(tmp_path: Path) -> No
     [dead] = [line for line in lines if "run doomed-1: compensation_failed" in line]
     assert " ERROR run doomed-1" in dead, err
     assert "release API down\\n2030-01-01" in dead
+
+
+async def test_the_worker_log_follows_runs_through_an_application_listener(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import storno
+    from storno._cli._serve import RunLog
+
+    release = asyncio.Event()
+
+    @storno.step(kind="compensable", compensate=lambda ctx: None)
+    def hold(ctx: storno.StepContext) -> str:
+        return "held"
+
+    @storno.step(kind="compensable", compensate=lambda ctx: None)
+    def decline(ctx: storno.StepContext) -> None:
+        raise storno.TerminalError("card declined")
+
+    @storno.step(kind="compensable", compensate=lambda ctx: None)
+    async def hang(ctx: storno.StepContext) -> None:
+        await release.wait()
+
+    @storno.saga
+    async def declined(ctx: storno.SagaContext) -> None:
+        await ctx.step(hold)
+        await ctx.step(decline)
+
+    @storno.saga
+    async def stuck(ctx: storno.SagaContext) -> None:
+        await ctx.step(hang)
+
+    runs = RunLog()
+    app = storno.Storno(f"sqlite:///{tmp_path / 'runs.db'}", sagas=[declined, stuck])
+    app.add_listener(runs)
+    with caplog.at_level("INFO", logger="storno.cli"):
+        async with app:
+            worker = storno.Worker(app, poll_interval=0.05)
+            await worker.start()
+            with pytest.raises(storno.RunCompensatedError):
+                await (await app.start(declined.options(run_id="declined-1"))).result(timeout=10)
+            await app.start(stuck.options(run_id="stuck-1"))
+            for _ in range(200):
+                if "stuck-1" in runs.open:
+                    break
+                await asyncio.sleep(0.02)
+            in_flight = worker.active_runs
+            await worker.stop(grace=0.1)
+            await runs.handed_back(app, in_flight)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("INFO", "run declined-1: picked up (saga declined, running)") in lines
+    [(level, ended)] = [line for line in lines if line[1].startswith("run declined-1: comp")]
+    assert level == "INFO" and ended.startswith("run declined-1: compensated: ")
+    assert "card declined" in ended
+    assert ("INFO", "run stuck-1: left running, to be resumed") in lines

@@ -299,7 +299,7 @@ def test_bad_tokens_file_is_refused(tmp_path: Path, text: str, message: str):
 
 
 def test_durations():
-    from storno._server._stats import parse_duration
+    from storno._model import parse_duration
 
     assert parse_duration("90") == 90
     assert parse_duration("30m") == 1800

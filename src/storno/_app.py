@@ -34,6 +34,7 @@ from storno._history import fold
 from storno._journal import Birth
 from storno._model import (
     APPROVAL_WAIT,
+    ENDED_STATUSES,
     RESERVED_PREFIX,
     Event,
     EventType,
@@ -62,15 +63,7 @@ log = logging.getLogger("storno.app")
 
 EventListener = Callable[[RunRecord, list[Event]], None]
 """Called with a run and the events just made durable for it."""
-ENDED = frozenset(
-    {
-        RunStatus.COMPLETED,
-        RunStatus.COMPENSATED,
-        RunStatus.COMPENSATION_FAILED,
-        RunStatus.NEEDS_ATTENTION,
-        RunStatus.CANCELLED,
-    }
-)
+ENDED = ENDED_STATUSES
 """States in which no worker will move a run without a person (or never again)."""
 
 _FAILURES: Mapping[RunStatus, type[RunFailedError]] = {

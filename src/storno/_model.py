@@ -10,6 +10,7 @@ import enum
 import hashlib
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +20,10 @@ from storno._errors import ConfigurationError
 __all__ = [
     "ACTIVE_STATUSES",
     "APPROVAL_WAIT",
+    "COMPENSATION_STATUSES",
+    "ENDED_STATUSES",
     "LEGACY_APPROVAL_SIGNAL",
+    "NEEDS_A_PERSON_STATUSES",
     "RESERVED_PREFIX",
     "TERMINAL_STATUSES",
     "Event",
@@ -35,6 +39,7 @@ __all__ = [
     "check_time",
     "compensation_key",
     "forward_key",
+    "parse_duration",
     "seconds",
 ]
 
@@ -84,6 +89,18 @@ TERMINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.COMPENSATED, RunSt
 
 ACTIVE_STATUSES = frozenset({RunStatus.RUNNING, RunStatus.COMPENSATING})
 """States in which a worker holds the run's lease."""
+
+NEEDS_A_PERSON_STATUSES = frozenset({RunStatus.COMPENSATION_FAILED, RunStatus.NEEDS_ATTENTION})
+"""States no worker moves a run out of: a dead letter, or a run parked for a person."""
+
+ENDED_STATUSES = TERMINAL_STATUSES | NEEDS_A_PERSON_STATUSES
+"""States in which no worker will move a run without a person (or never again)."""
+
+COMPENSATION_STATUSES = frozenset(
+    {RunStatus.COMPENSATING, RunStatus.COMPENSATED, RunStatus.COMPENSATION_FAILED}
+)
+"""States a run reaches by compensating after its forward path failed (a cancelled run
+compensates too, but ends as cancelled)."""
 
 
 class EventType(enum.StrEnum):
@@ -230,6 +247,24 @@ def check_run_id(run_id: str) -> str:
             f"run_id {run_id!r} holds control characters or invalid Unicode; use printable text"
         )
     return run_id
+
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``1.5h``, ``2d``, ``1w`` as seconds; ``1h30m`` too.
+
+    Raises :class:`ValueError` with a message fit for the user (the CLI shows it as is).
+    """
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", text.strip().lower())
+    joined = "".join(f"{n}{u}" for n, u in parts)
+    if not parts or joined != re.sub(r"\s+", "", text.strip().lower()):
+        raise ValueError(f"{text!r} is not a duration like 90s, 30m, 1h or 2d")
+    total = sum(float(n) * _UNITS[u] for n, u in parts)
+    if total <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return total
 
 
 def check_time(at: float, what: str) -> float:

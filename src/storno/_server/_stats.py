@@ -8,7 +8,6 @@ reads every run's row, so callers cache the result for a few seconds (see
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -25,7 +24,6 @@ __all__ = [
     "Snapshot",
     "StatsCache",
     "filtered_runs",
-    "parse_duration",
     "find_stuck",
     "stuck_reason",
     "threshold_for",
@@ -36,20 +34,6 @@ DEFAULT_STUCK_AFTER = 3600.0
 otherwise with ``@storno.saga(stuck_after=...)``."""
 
 PAGE = 500
-_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``30m``, ``1.5h``, ``2d``, ``1w`` as seconds; ``1h30m`` too."""
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", text.strip().lower())
-    joined = "".join(f"{n}{u}" for n, u in parts)
-    if not parts or joined != re.sub(r"\s+", "", text.strip().lower()):
-        raise ValueError(f"{text!r} is not a duration like 90s, 30m, 1h or 2d")
-    total = sum(float(n) * _UNITS[u] for n, u in parts)
-    if total <= 0:
-        raise ValueError(f"{text!r} must be longer than zero")
-    return total
-
 
 OPEN_STATUSES = (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING, RunStatus.COMPENSATING)
 

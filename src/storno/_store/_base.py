@@ -14,7 +14,7 @@ from typing import Any
 
 from storno._errors import LeaseLostError
 from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
-from storno._store._migrations import backend_of
+from storno._store._migrations import SchemaStatus, backend_of
 
 __all__ = [
     "ENDED_STATUSES",
@@ -127,6 +127,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Finish pending writes and disconnect."""
+
+    @abc.abstractmethod
+    async def exists(self) -> bool:
+        """Whether the database the URL names is there at all (the SQLite file, the
+        PostgreSQL schema), asked without creating it: :meth:`open` would create it."""
+
+    @abc.abstractmethod
+    async def schema_status(self) -> SchemaStatus:
+        """Where the database's schema stands against the migrations this storno knows (what
+        ``storno db status`` reports); changes nothing, and works before :meth:`open`."""
 
     @abc.abstractmethod
     async def create_run(

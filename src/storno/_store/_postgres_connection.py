@@ -218,6 +218,19 @@ class PostgresConnection:
 
         return await self._retrying("migration", once)
 
+    async def exists(self) -> bool:
+        """Whether the URL's schema exists; changes nothing."""
+        _need_driver()
+
+        async def once() -> bool:
+            async with await self._connect() as conn:
+                cur = await conn.execute(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)
+                )
+                return await cur.fetchone() is not None
+
+        return await self._retrying("status", once)
+
     async def schema_status(self) -> SchemaStatus:
         """The schema's migration state; changes nothing."""
         _need_driver()

@@ -26,6 +26,7 @@ from storno._store._base import (
     lease_lost,
     split_limits,
 )
+from storno._store._migrations import SchemaStatus, status
 from storno._store._rows import (
     event_from_row,
     event_values,
@@ -266,6 +267,12 @@ class SQLiteStore(Store):
             readers, self._readers = self._readers, []
         for conn in readers:
             conn.close()
+
+    async def exists(self) -> bool:
+        return self.path.exists()
+
+    async def schema_status(self) -> SchemaStatus:
+        return await status(self.url)
 
     @property
     def write_counts(self) -> tuple[int, int]:

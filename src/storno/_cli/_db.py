@@ -13,20 +13,13 @@ from datetime import UTC, datetime
 
 import click
 
-from storno._app import DEFAULT_URL
+from storno._cli._common import url_option
 from storno._store._migrations import SchemaStatus, status, upgrade
 
 __all__ = ["db"]
 
-_db_option = click.option(
-    "--db",
-    "url",
-    envvar="STORNO_URL",
-    show_envvar=True,
-    default=DEFAULT_URL,
-    show_default=True,
-    metavar="URL",
-    help="Database holding the runs, e.g. sqlite:///storno.db or postgresql://host/db.",
+_db_option = url_option(
+    "Database holding the runs, e.g. sqlite:///storno.db or postgresql://host/db."
 )
 
 

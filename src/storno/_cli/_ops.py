@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from storno._app import Storno
-from storno._cli import _db_option, _echo_json, _opened, _summary, _ts
+from storno._cli._common import db_option, echo_json, opened, summary, ts
 
 __all__ = ["COMMANDS"]
 
@@ -38,7 +38,7 @@ _by_option = click.option(
 
 def _with_app(url: str, action: Callable[[Storno], Awaitable[T]]) -> T:
     async def go() -> T:
-        async with await _opened(url) as app:
+        async with await opened(url) as app:
             return await action(app)
 
     return asyncio.run(go())
@@ -46,7 +46,7 @@ def _with_app(url: str, action: Callable[[Storno], Awaitable[T]]) -> T:
 
 def _report(as_json: bool, run_id: str, what: str, **extra: Any) -> None:
     if as_json:
-        _echo_json({"run_id": run_id, "action": what, **extra})
+        echo_json({"run_id": run_id, "action": what, **extra})
     else:
         details = "".join(f"  {k}={v}" for k, v in extra.items())
         click.echo(f"{what}: run {run_id}{details}")
@@ -58,7 +58,7 @@ def _report(as_json: bool, run_id: str, what: str, **extra: Any) -> None:
 @click.option("--data", help="The signal's data as JSON, e.g. '{\"ok\": true}'.")
 @click.option("--id", "message_id", help="An id: a repeated id is delivered once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-@_db_option
+@db_option
 def signal(
     run_id: str, name: str, data: str | None, message_id: str | None, as_json: bool, url: str
 ) -> None:
@@ -76,7 +76,7 @@ def signal(
 @click.option("--note", help="Why; recorded with the approval.")
 @_by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-@_db_option
+@db_option
 def approve(run_id: str, note: str | None, by: str, as_json: bool, url: str) -> None:
     """Approve RUN at its ctx.wait_for_approval()."""
     _with_app(url, lambda app: app.approve(run_id, by=by, note=note))
@@ -88,7 +88,7 @@ def approve(run_id: str, note: str | None, by: str, as_json: bool, url: str) -> 
 @click.option("--reason", required=True, help="Why; recorded with the rejection.")
 @_by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-@_db_option
+@db_option
 def reject(run_id: str, reason: str, by: str, as_json: bool, url: str) -> None:
     """Reject RUN at its ctx.wait_for_approval(); it compensates unless its code handles it."""
     _with_app(url, lambda app: app.reject(run_id, by=by, reason=reason))
@@ -100,7 +100,7 @@ def reject(run_id: str, reason: str, by: str, as_json: bool, url: str) -> None:
 @click.option("--reason", required=True, help="Why; recorded in the run's history.")
 @_by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-@_db_option
+@db_option
 def cancel(run_id: str, reason: str, by: str, as_json: bool, url: str) -> None:
     """Cancel RUN. Refused after its point of no return; a running run stops at its next step."""
     _with_app(url, lambda app: app.cancel(run_id, by=by, reason=reason))
@@ -110,18 +110,18 @@ def cancel(run_id: str, reason: str, by: str, as_json: bool, url: str) -> None:
 @click.command(name="dead-letters", short_help="List runs whose compensation kept failing.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
-@_db_option
+@db_option
 def dead_letters(limit: int, as_json: bool, url: str) -> None:
     """List dead letters (compensation_failed), newest first, with why each failed."""
     runs = _with_app(url, lambda app: app.dead_letters(limit=limit))
     if as_json:
-        _echo_json([_summary(r) for r in runs])
+        echo_json([summary(r) for r in runs])
         return
     if not runs:
         click.echo("(no dead letters)")
     for run in runs:
         message = (run.error or {}).get("message", "")
-        click.echo(f"{run.run_id}  {run.saga}  since {_ts(run.updated_at)} UTC\n  {message}")
+        click.echo(f"{run.run_id}  {run.saga}  since {ts(run.updated_at)} UTC\n  {message}")
 
 
 @click.command(short_help="Retry a run that needs a person.")
@@ -129,7 +129,7 @@ def dead_letters(limit: int, as_json: bool, url: str) -> None:
 @click.option("--note", help="Why it should work now; recorded.")
 @_by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-@_db_option
+@db_option
 def retry(run_id: str, note: str | None, by: str, as_json: bool, url: str) -> None:
     """Retry RUN: a dead letter's compensation where it failed, or a run in needs_attention
     under the current code (its failed step again, under the same key)."""
@@ -162,7 +162,7 @@ def _outcomes(values: tuple[str, ...]) -> list[str]:
 @click.option("--note", help="What you checked; recorded.")
 @_by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-@_db_option
+@db_option
 def compensate(
     run_id: str, outcomes: tuple[str, ...], note: str | None, by: str, as_json: bool, url: str
 ) -> None:
@@ -184,7 +184,7 @@ def compensate(
 )
 @_by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-@_db_option
+@db_option
 def resolve(run_id: str, note: str, outcome: str | None, by: str, as_json: bool, url: str) -> None:
     """Mark RUN as handled by hand, with a note saying what was done: a dead letter as
     compensated, a run in needs_attention as completed or compensated (--as)."""
