@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
 
@@ -27,11 +25,10 @@ from storno._errors import (
     RunFailedError,
     RunNotFoundError,
     RunStateError,
-    StoreError,
     WaitTimeoutError,
 )
 from storno._history import fold
-from storno._journal import Birth
+from storno._host import EventListener, RunHost
 from storno._model import (
     APPROVAL_WAIT,
     ENDED_STATUSES,
@@ -39,7 +36,6 @@ from storno._model import (
     Event,
     EventType,
     InboxMessage,
-    Lease,
     MessageKind,
     RunRecord,
     RunStatus,
@@ -47,9 +43,10 @@ from storno._model import (
     check_time,
     seconds,
 )
-from storno._plan import PLAN_SAGA_NAME, Plan, PlanStep, parse_plan, plan_saga, validate_plan
+from storno._plan import Plan, PlanStep, parse_plan, validate_plan
+from storno._registry import Registry
 from storno._serde import DEFAULT_MAX_PAYLOAD_BYTES, decode, describe, encode
-from storno._store import NewRun, RunExistsError, Store, open_store
+from storno._store import NewRun, Store, open_store
 from storno._views import RunInfo, describe_run
 from storno._worker import Worker
 
@@ -61,8 +58,6 @@ R = TypeVar("R")
 DEFAULT_URL = "sqlite:///storno.db"
 log = logging.getLogger("storno.app")
 
-EventListener = Callable[[RunRecord, list[Event]], None]
-"""Called with a run and the events just made durable for it."""
 ENDED = ENDED_STATUSES
 """States in which no worker will move a run without a person (or never again)."""
 
@@ -117,16 +112,16 @@ class Storno:
         self.max_payload_bytes = max_payload_bytes
         self.lease_seconds = seconds(lease_seconds, "lease_seconds") or 30.0
         self.clock: Clock = clock or SystemClock()
-        # Saga bodies written as plain functions each hold a thread while they wait on their
-        # steps, so they get a pool of their own: sharing one with sync steps could deadlock.
-        self.body_executor: Executor = ThreadPoolExecutor(256, thread_name_prefix="storno-saga")
-        self.step_executor: Executor = ThreadPoolExecutor(64, thread_name_prefix="storno-step")
-        self._sagas: dict[str, Saga[..., Any]] = {}
-        self._steps: dict[str, Step[..., Any]] = {}
-        self._workers: list[Worker] = []
-        self._waiters: dict[str, list[asyncio.Future[RunRecord | None]]] = {}
-        self._listeners: list[EventListener] = []
-        self._plan_saga = plan_saga(self._steps.get)
+        self.registry = Registry()
+        # The executing side: what runs and workers in this process need (executors, workers,
+        # listeners, the results of runs executing here).
+        self.host = RunHost(
+            self.store,
+            self.clock,
+            self.registry,
+            lease_seconds=self.lease_seconds,
+            max_payload_bytes=self.max_payload_bytes,
+        )
         self._opened = False
         self.register(*sagas, *steps)
 
@@ -134,72 +129,33 @@ class Storno:
 
     def register(self, *items: Saga[..., Any] | Step[..., Any]) -> None:
         """Make sagas runnable by this application's workers, and steps usable in plans."""
-        for item in items:
-            if isinstance(item, Saga):
-                item = item.declared  # a per-start options() copy must not replace it
-                table: dict[str, Any] = self._sagas
-            elif isinstance(item, Step):
-                table = self._steps
-            else:
-                raise ConfigurationError(
-                    f"register() takes sagas and steps made with @storno.saga / @storno.step, "
-                    f"got {item!r}"
-                )
-            known = table.get(item.name)
-            if known is not None and known.fn is not item.fn:
-                raise ConfigurationError(
-                    f"two different functions are registered as {item.name!r} "
-                    f"({known.fn.__module__}.{known.fn.__qualname__} and "
-                    f"{item.fn.__module__}.{item.fn.__qualname__}); give one a name= of its own"
-                )
-            table[item.name] = item
+        self.registry.register(*items)
 
     @property
     def saga_names(self) -> list[str]:
-        names = list(self._sagas)
-        if self._steps:
-            names.append(PLAN_SAGA_NAME)
-        return names
+        return self.registry.saga_names
 
     @property
     def saga_limits(self) -> dict[str, int]:
         """``max_concurrent`` of the registered sagas that have one, by name."""
-        return {n: s.max_concurrent for n, s in self._sagas.items() if s.max_concurrent}
+        return self.registry.saga_limits
 
     def find_saga(self, name: str) -> Saga[..., Any]:
-        if name == PLAN_SAGA_NAME:
-            return self._plan_saga
-        try:
-            return self._sagas[name]
-        except KeyError:
-            raise ConfigurationError(
-                f"saga {name!r} is not registered with this application; pass it in "
-                f"Storno(sagas=[...]) or app.register(...)"
-            ) from None
+        return self.registry.find_saga(name)
 
     def find_step(self, name: str, ref: str | None) -> Step[..., Any]:
         """A registered step, else the step object the history's reference points at."""
-        if name in self._steps:
-            return self._steps[name]
-        if ref:
-            module_name, _, qualname = ref.partition(":")
-            found: Any = sys.modules.get(module_name)
-            for part in qualname.split("."):
-                found = getattr(found, part, None)
-            if isinstance(found, Step) and found.name == name:
-                return found
-            if found is not None and getattr(found, "__name__", None) == name:
-                # The reference names the function; the Step wrapping it is what we need.
-                for value in vars(sys.modules[module_name]).values():
-                    if isinstance(value, Step) and value.fn is found:
-                        return value
-        raise ConfigurationError(
-            f"step {name!r} is not registered with this application and cannot be found "
-            f"(recorded as {ref!r}); register it with Storno(steps=[...]) or import its module "
-            f"in the worker"
-        )
+        return self.registry.find_step(name, ref)
 
     # --- lifecycle ---------------------------------------------------------------------
+
+    def use_database(self, url: str) -> None:
+        """Point the application at another database before it is opened (``storno worker``
+        does this for an application that names none, from ``--db`` or ``$STORNO_URL``)."""
+        if self._opened:
+            raise ConfigurationError("use_database() must come before the application is opened")
+        self.url, self.store = url, open_store(url)
+        self.host.store = self.store
 
     async def open(self) -> None:
         if not self._opened:
@@ -207,13 +163,12 @@ class Storno:
             self._opened = True
 
     async def close(self) -> None:
-        for worker in list(self._workers):
+        for worker in self.host.workers:
             await worker.stop()
         if self._opened:
             await self.store.close()
             self._opened = False
-        self.body_executor.shutdown(wait=False, cancel_futures=True)
-        self.step_executor.shutdown(wait=False, cancel_futures=True)
+        self.host.close()
 
     async def __aenter__(self) -> Storno:
         await self.open()
@@ -237,63 +192,22 @@ class Storno:
     @property
     def workers(self) -> list[Worker]:
         """The workers running in this process for this application."""
-        return list(self._workers)
-
-    def _attach_worker(self, worker: Worker) -> None:
-        self._workers.append(worker)
-
-    def _detach_worker(self, worker: Worker) -> None:
-        if worker in self._workers:
-            self._workers.remove(worker)
+        return self.host.workers
 
     def add_listener(self, listener: EventListener) -> None:
         """Call ``listener(run, events)`` after each durable write of a run executed in this
         process, with the events it made durable. Listeners feed metrics, logs and tracing;
         they run on the event loop, so they must be quick, and an error in one is logged and
         ignored (it never affects the run)."""
-        self._listeners.append(listener)
+        self.host.add_listener(listener)
 
     def remove_listener(self, listener: EventListener) -> None:
         """Stop calling a listener added with :meth:`add_listener`."""
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
-    def committed(self, record: RunRecord, events: list[Event]) -> None:
-        for listener in self._listeners:
-            try:
-                listener(record, events)
-            except Exception:
-                log.exception("event listener %r failed; the run is not affected", listener)
+        self.host.remove_listener(listener)
 
     def wake_workers(self) -> None:
         """Tell this process's workers that a run may have become claimable."""
-        for worker in self._workers:
-            worker.wake()
-
-    def note_wake(self, wake_at: float) -> None:
-        """Tell this process's workers that a run suspended here wakes at ``wake_at``."""
-        for worker in self._workers:
-            worker.wake_at(wake_at)
-
-    async def start_child(self, run: NewRun) -> None:
-        """Create a child run (idempotent by its id) and let a worker pick it up."""
-        _, created = await self.store.create_run(
-            run, claim_for=None, lease_seconds=self.lease_seconds
-        )
-        if created:
-            self.wake_workers()
-
-    def _watch(self, run_id: str) -> asyncio.Future[RunRecord | None]:
-        """A future settled when the run next stops executing in this process."""
-        future: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(run_id, []).append(future)
-        return future
-
-    def _run_settled(self, run_id: str, ended: RunRecord | None = None) -> None:
-        """A run stopped executing here; ``ended`` is its final state if it ended here."""
-        for future in self._waiters.pop(run_id, []):
-            if not future.done():
-                future.set_result(ended)
+        self.host.wake_workers()
 
     # --- starting runs -----------------------------------------------------------------
 
@@ -324,13 +238,13 @@ class Storno:
         """Validate a plan (a saga as data) and start it; a bad plan raises
         :class:`storno.PlanError` and nothing runs. The result is the list of step results."""
         parsed = parse_plan(plan)
-        validate_plan(parsed, self._steps.get)
+        validate_plan(parsed, self.registry.lookup_step)
         text = encode(
             {"args": [parsed.to_json()], "kwargs": {}},
             what="plan",
             limit=self.max_payload_bytes,
         )
-        return await self._start(self._plan_saga, text, run_id, seconds(timeout, "timeout"))
+        return await self._start(self.registry.plan_saga, text, run_id, seconds(timeout, "timeout"))
 
     async def _start(
         self,
@@ -354,50 +268,13 @@ class Storno:
             data["start_at"] = start_at
         event = Event(0, EventType.RUN_CREATED, now, None, data, text)
         new = NewRun(run_id, saga.name, text, now, deadline, event, wake_at=start_at)
-        scheduled = start_at is not None
         # A capped saga's runs are always claimed, so that the claim counts them against the
         # limit; others are leased to a local worker as they are created.
-        direct = not scheduled and not saga.max_concurrent
-        worker = next((w for w in self._workers if w.try_reserve()), None) if direct else None
-        if worker is not None and not worker.executing(run_id):
-            # The run is inserted with its first write: one commit fewer per run.
-            record = RunRecord(
-                run_id, saga.name, RunStatus.RUNNING, text, now, now, deadline=deadline,
-                owner=worker.id, lease_expires_at=now + self.lease_seconds, epoch=1,
-            )  # fmt: skip
-            birth = Birth(new)
-            settled = self._watch(run_id)
-            worker.adopt(record, Lease(run_id, worker.id, 1), [event], birth)
-            try:
-                await birth.recorded
-            except RunExistsError:
-                existing = await self.store.get_run(run_id)
-                if existing is None:
-                    raise StoreError(f"run {run_id} was neither created nor found") from None
-                self._check_same(existing, saga, text)
-                return RunHandle(self, run_id)
-            return RunHandle(self, run_id, settled=settled)
-        try:
-            record, created = await self.store.create_run(
-                new, claim_for=worker.id if worker else None, lease_seconds=self.lease_seconds
-            )
-        except BaseException:
-            if worker:
-                worker.unreserve()
-            raise
-        if not created:
-            if worker:
-                worker.unreserve()
-            self._check_same(record, saga, text)
-        elif worker:
-            settled = self._watch(run_id)
-            worker.adopt(record, Lease(run_id, worker.id, record.epoch), [event])
-            return RunHandle(self, run_id, settled=settled)
-        elif start_at is not None:
-            self.note_wake(start_at)
-        else:
-            self.wake_workers()
-        return RunHandle(self, run_id)
+        local = start_at is None and not saga.max_concurrent
+        started = await self.host.start(new, local=local)
+        if started.existing is not None:
+            self._check_same(started.existing, saga, text)
+        return RunHandle(self, run_id, settled=started.settled)
 
     @staticmethod
     def _check_same(record: RunRecord, saga: Saga[..., Any], text: str) -> None:
@@ -552,7 +429,7 @@ class Storno:
         ``needs_attention`` under the current code; the same keys, a fresh retry budget."""
         await self.open()
         await _operator.retry(self.store, self.clock, run_id, by=by, note=note)
-        self._run_settled(run_id)
+        self.host.settled(run_id)
         self.wake_workers()
 
     async def compensate(
@@ -574,7 +451,7 @@ class Storno:
         await _operator.compensate(
             self.store, self.clock, run_id, by=by, note=note, not_applied=not_applied
         )
-        self._run_settled(run_id)
+        self.host.settled(run_id)
         self.wake_workers()
 
     async def resolve(self, run_id: str, *, by: str, note: str, outcome: str | None = None) -> None:
@@ -585,7 +462,7 @@ class Storno:
         """
         await self.open()
         await _operator.resolve(self.store, self.clock, run_id, by=by, note=note, outcome=outcome)
-        self._run_settled(run_id)
+        self.host.settled(run_id)
 
     async def query(self, run_id: str, name: str | None = None) -> Any:
         """The values a run published with ``ctx.publish()`` (all, or the one named)."""
@@ -649,17 +526,14 @@ class RunHandle(Generic[R]):
                     asyncio.shield(settled), None if give_up is None else give_up - loop.time()
                 )
         while True:
-            future: asyncio.Future[RunRecord | None] = loop.create_future()
-            self.app._waiters.setdefault(self.run_id, []).append(future)
+            future = self.app.host.watch(self.run_id)
             record = known
             if record is None:
                 record = await self.app.store.get_run(self.run_id)
                 if record is None:
                     raise RunNotFoundError(self.run_id)
             if record.status in ENDED:
-                waiters = self.app._waiters.get(self.run_id, [])
-                if future in waiters:
-                    waiters.remove(future)
+                self.app.host.unwatch(self.run_id, future)
                 if record.status is RunStatus.COMPLETED:
                     value: R = decode(record.result or "null", what=f"result of run {self.run_id}")  # type: ignore[assignment]
                     return value

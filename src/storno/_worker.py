@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING
 from storno._engine import RunExecution
 from storno._errors import ConfigurationError, StoreError
 from storno._journal import Birth
-from storno._model import Event, Lease, RunRecord
+from storno._model import Event, Lease, RunRecord, RunStatus
+from storno._store import NewRun
 
 if TYPE_CHECKING:
     from storno._app import Storno
+    from storno._host import RunHost
 
 __all__ = ["Worker"]
 
@@ -51,6 +53,7 @@ class Worker:
         if poll_interval <= 0:
             raise ConfigurationError(f"poll_interval must be positive, got {poll_interval}")
         self.app = app
+        self._host: RunHost = app.host
         self.concurrency = concurrency
         self.poll_interval = poll_interval
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -88,11 +91,11 @@ class Worker:
             return
         await self.app.open()
         # Another process may make work available (PostgreSQL NOTIFY); SQLite polls.
-        self.app.store.subscribe(self.wake)
+        self._host.store.subscribe(self.wake)
         self._stopping = False
         self._inheriting = True
         await self._claim()
-        self.app._attach_worker(self)
+        self._host.attach(self)
         self._loops = [
             asyncio.create_task(self._claim_loop(), name=f"storno-claim-{self.id}"),
             asyncio.create_task(self._heartbeat_loop(), name=f"storno-heartbeat-{self.id}"),
@@ -112,7 +115,7 @@ class Worker:
         if not self._loops:
             return
         self._stopping = True
-        self.app._detach_worker(self)
+        self._host.detach(self)
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -154,17 +157,23 @@ class Worker:
     def unreserve(self) -> None:
         self._reserved -= 1
 
-    def adopt(
-        self,
-        record: RunRecord,
-        lease: Lease,
-        history: list[Event],
-        birth: Birth | None = None,
-    ) -> None:
-        """Execute a run that was created already leased to this worker, or (``birth``)
-        that its first write will create."""
+    def adopt(self, record: RunRecord, history: list[Event]) -> None:
+        """Execute a run that was created already leased to this worker (a reserved slot)."""
         self._reserved -= 1
-        self._spawn(record, lease, history, birth)
+        self._spawn(record, Lease(record.run_id, self.id, record.epoch), history)
+
+    def start_here(self, run: NewRun, *, lease_seconds: float) -> Birth:
+        """Execute, in a reserved slot, a run that its first write will create (one commit
+        fewer); the birth says when it is durable."""
+        record = RunRecord(
+            run.run_id, run.saga, RunStatus.RUNNING, run.input, run.created_at, run.created_at,
+            deadline=run.deadline, owner=self.id,
+            lease_expires_at=run.created_at + lease_seconds, epoch=1,
+        )  # fmt: skip
+        birth = Birth(run)
+        self._reserved -= 1
+        self._spawn(record, Lease(run.run_id, self.id, 1), [run.event], birth)
+        return birth
 
     def executing(self, run_id: str) -> bool:
         return run_id in self._tasks
@@ -182,7 +191,7 @@ class Worker:
         def done(_: asyncio.Task[None]) -> None:
             if self._tasks.get(record.run_id) is task:
                 del self._tasks[record.run_id]
-            if self._saturated or self.app.saga_limits:
+            if self._saturated or self._host.saga_limits:
                 # Free slots, or room under a saga's limit: runs may be waiting for either.
                 self._wake.set()
 
@@ -198,8 +207,8 @@ class Worker:
         execution: RunExecution | None = None
         try:
             if history is None:
-                history = await self.app.store.history(record.run_id)
-            execution = RunExecution(self.app, record, lease, history, birth)
+                history = await self._host.store.history(record.run_id)
+            execution = RunExecution(self._host, record, lease, history, birth)
             self._executions[record.run_id] = execution
             await execution.execute()
         except asyncio.CancelledError:
@@ -211,7 +220,7 @@ class Worker:
             if birth is not None:
                 birth.abandon()
             self._executions.pop(record.run_id, None)
-            self.app._run_settled(record.run_id, execution.ended if execution else None)
+            self._host.settled(record.run_id, execution.ended if execution else None)
 
     async def _claim(self) -> tuple[int, int]:
         """Claim as many runs as there are free slots; return (free, claimed)."""
@@ -224,22 +233,22 @@ class Worker:
         # meantime must not take one too (it creates its run pending instead).
         self._reserved += free
         try:
-            claimed = await self.app.store.claim(
+            claimed = await self._host.store.claim(
                 self.id,
                 limit=free,
-                now=self.app.clock.now(),
-                lease_seconds=self.app.lease_seconds,
-                sagas=self.app.saga_names,
+                now=self._host.clock.now(),
+                lease_seconds=self._host.lease_seconds,
+                sagas=self._host.saga_names,
                 include_own=inheriting,
                 # Never the runs executing here: a lease that lapsed while its renewals failed
                 # (a full disk, a lost connection) must not start a second execution here.
                 exclude=list(self._tasks),
-                limits=self.app.saga_limits,
+                limits=self._host.saga_limits,
             )
             histories: dict[str, list[Event]] = {}
             if claimed:
                 try:
-                    histories = await self.app.store.histories([r.run_id for r, _ in claimed])
+                    histories = await self._host.store.histories([r.run_id for r, _ in claimed])
                 except StoreError as exc:  # each execution reads its own history then
                     log.warning("loading the histories of claimed runs failed: %s", exc)
         finally:
@@ -267,7 +276,7 @@ class Worker:
                 continue
             pause = self.poll_interval
             if self._next_wake is not None:
-                until_due = self._next_wake - self.app.clock.now()
+                until_due = self._next_wake - self._host.clock.now()
                 if until_due <= 0:
                     self._next_wake = None
                     continue
@@ -281,7 +290,7 @@ class Worker:
         return execution is None or not execution.holds_lease
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.app.lease_seconds / 3
+        interval = self._host.lease_seconds / 3
         while not self._stopping:
             await asyncio.sleep(interval)
             # A run that released its lease (ended, suspended) has nothing left to renew.
@@ -289,8 +298,8 @@ class Worker:
             if not ids:
                 continue
             try:
-                lost = await self.app.store.renew(
-                    self.id, ids, now=self.app.clock.now(), lease_seconds=self.app.lease_seconds
+                lost = await self._host.store.renew(
+                    self.id, ids, now=self._host.clock.now(), lease_seconds=self._host.lease_seconds
                 )
             except StoreError as exc:
                 log.warning("lease renewal failed: %s", exc)

@@ -17,7 +17,6 @@ import click
 
 from storno._app import DEFAULT_URL, Storno
 from storno._model import parse_duration
-from storno._store import open_store
 from storno._store._migrations import backend_of, redact
 from storno._store._sqlite_connection import parse_sqlite_url
 from storno._views import RunInfo
@@ -193,8 +192,7 @@ def point_at(app: Storno, ref: str, url: str) -> None:
             )
         return
     if app.url != url:
-        # Safe before the app is opened: the store connects on open().
-        app.url, app.store = url, open_store(url)
+        app.use_database(url)
 
 
 def app_for(app_ref: str | None, url: str) -> Storno:
