@@ -18,6 +18,7 @@ from storno._store._migrations import backend_of
 
 __all__ = [
     "ENDED_STATUSES",
+    "EXPIRED",
     "Delivery",
     "NewRun",
     "RunExistsError",
@@ -92,6 +93,11 @@ ENDED_STATUSES = frozenset(
     }
 )
 """Statuses in which a run's inbox takes no more messages (see :meth:`Store.deliver`)."""
+
+
+EXPIRED = 0.0
+"""A lease expiry in the past whatever the clock says: the run is claimable by any worker at
+once (a lease handed back, a run an operator made claimable)."""
 
 
 def lease_lost(lease: Lease) -> LeaseLostError:
@@ -260,6 +266,14 @@ class Store(abc.ABC):
         self, owner: str, run_ids: Sequence[str], *, now: float, lease_seconds: float
     ) -> set[str]:
         """Extend the leases ``owner`` holds on these runs; return the ids it no longer holds."""
+
+    @abc.abstractmethod
+    async def release(self, owner: str, run_ids: Sequence[str]) -> None:
+        """Hand back the leases ``owner`` holds on these runs (a stopping worker's runs in
+        flight): they expire at once, whatever the time, so any worker may claim the runs now.
+
+        Runs ``owner`` no longer holds are left alone. Idle workers elsewhere are woken.
+        """
 
     def subscribe(self, callback: Callable[[], None]) -> None:  # noqa: B027 - optional hook
         """Have ``callback`` called (in the event loop) whenever another process may have made

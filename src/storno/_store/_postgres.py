@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from storno._errors import LeaseLostError, StoreError
 from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
 from storno._store._base import (
     ENDED_STATUSES,
+    EXPIRED,
     Delivery,
     NewRun,
     RunExistsError,
@@ -442,7 +442,7 @@ class PostgresStore(PostgresConnection, Store):
                     (
                         status.value,
                         now,
-                        0.0 if claimable else None,
+                        EXPIRED if claimable else None,
                         run_id,
                         [s.value for s in expected],
                         now,
@@ -556,9 +556,6 @@ class PostgresStore(PostgresConnection, Store):
             f"UPDATE {self._runs} SET lease_expires_at = %s "
             "WHERE owner = %s AND run_id = ANY(%s::text[]) RETURNING run_id"
         )
-        if now + lease_seconds < time.time():
-            # Handed back (a stopping worker expires its leases): others may take them now.
-            sql = f"WITH r AS ({sql}) SELECT run_id, {self._notify_now} FROM r"
 
         async def op(conn: Connection, attempt: int) -> set[str]:
             cur = await conn.execute(sql, (now + lease_seconds, owner, ids))
@@ -566,3 +563,19 @@ class PostgresStore(PostgresConnection, Store):
             return set(ids) - kept
 
         return await self._op("renew", op)
+
+    async def release(self, owner: str, run_ids: Sequence[str]) -> None:
+        ids = list(run_ids)
+        if not ids:
+            return
+        # Others may take the runs now: wake idle workers elsewhere.
+        sql = (
+            f"WITH r AS (UPDATE {self._runs} SET lease_expires_at = {EXPIRED} "
+            "WHERE owner = %s AND run_id = ANY(%s::text[]) RETURNING run_id) "
+            f"SELECT {self._notify_now} WHERE EXISTS (SELECT 1 FROM r)"
+        )
+
+        async def op(conn: Connection, attempt: int) -> None:
+            await conn.execute(sql, (owner, ids))
+
+        await self._op("release", op)

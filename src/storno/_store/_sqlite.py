@@ -18,6 +18,7 @@ from storno._errors import StoreError
 from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
 from storno._store._base import (
     ENDED_STATUSES,
+    EXPIRED,
     Delivery,
     NewRun,
     RunExistsError,
@@ -433,7 +434,7 @@ class SQLiteStore(Store):
                 "lease_expires_at = ?, wake_at = NULL "
                 f"WHERE run_id = ? AND status IN ({marks}) "
                 "AND (owner IS NULL OR lease_expires_at < ?) RETURNING *",
-                (status.value, now, 0.0 if claimable else None, run_id, *expected, now),
+                (status.value, now, EXPIRED if claimable else None, run_id, *expected, now),
             ).fetchone()
             if row is None:
                 return None
@@ -504,3 +505,19 @@ class SQLiteStore(Store):
 
         result: set[str] = await self._write(op)
         return result
+
+    async def release(self, owner: str, run_ids: Sequence[str]) -> None:
+        ids = list(run_ids)
+        if not ids:
+            return
+
+        def op(conn: sqlite3.Connection) -> None:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                conn.execute(
+                    f"UPDATE storno_runs SET lease_expires_at = {EXPIRED} WHERE owner = ? "
+                    f"AND run_id IN ({','.join('?' * len(chunk))})",
+                    (owner, *chunk),
+                )
+
+        await self._write(op)
