@@ -1,4 +1,4 @@
-"""The journal interface every backend implements, and the factory that picks one by URL.
+"""The journal interface every backend implements (:mod:`._factory` picks one by URL).
 
 A store keeps two things: one row per run (its current state, lease and result) and the run's
 append-only history. Every write for a running run is *fenced*: it names the lease it was made
@@ -14,7 +14,6 @@ from typing import Any
 
 from storno._errors import LeaseLostError
 from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
-from storno._store._migrations import backend_of
 
 __all__ = [
     "ENDED_STATUSES",
@@ -25,7 +24,6 @@ __all__ = [
     "RunUpdate",
     "Store",
     "lease_lost",
-    "open_store",
     "split_limits",
 ]
 
@@ -283,15 +281,3 @@ class Store(abc.ABC):
         Stores without cross-process notifications keep this no-op: workers find such work
         by polling.
         """
-
-
-def open_store(url: str) -> Store:
-    """The store for a URL: ``sqlite:///relative.db``, ``sqlite:////abs.db`` or a file path,
-    or ``postgresql://user@host/db`` (``postgres://`` too; needs ``storno[postgres]``)."""
-    if backend_of(url) == "postgres":
-        from storno._store._postgres import PostgresStore
-
-        return PostgresStore(url)
-    from storno._store._sqlite import SQLiteStore
-
-    return SQLiteStore(url)
