@@ -24,7 +24,6 @@ __all__ = [
     "RunUpdate",
     "Store",
     "lease_lost",
-    "split_limits",
 ]
 
 
@@ -105,18 +104,6 @@ def lease_lost(lease: Lease) -> LeaseLostError:
         f"(epoch {lease.epoch}); another worker took it over, so this worker's "
         f"writes for it are refused"
     )
-
-
-def split_limits(
-    sagas: Sequence[str] | None, limits: Mapping[str, int] | None
-) -> tuple[list[str] | None, dict[str, int]]:
-    """A claim's sagas split into those claimed freely and the capped ones with their caps.
-
-    The free list is ``None`` for "any saga but the capped ones" (no ``sagas`` given).
-    """
-    capped = {n: c for n, c in (limits or {}).items() if sagas is None or n in sagas}
-    free = [n for n in sagas if n not in capped] if sagas is not None else None
-    return free, capped
 
 
 class Store(abc.ABC):

@@ -33,8 +33,8 @@ from storno._store._base import (
     RunUpdate,
     Store,
     lease_lost,
-    split_limits,
 )
+from storno._store._claims import ClaimPlan, ClaimRequest
 from storno._store._migrations import redact
 from storno._store._postgres_connection import PostgresConnection, parse_postgres_url, quote
 from storno._store._postgres_sql import Statements
@@ -502,47 +502,36 @@ class PostgresStore(PostgresConnection, Store):
         exclude: Sequence[str] = (),
         limits: Mapping[str, int] | None = None,
     ) -> list[tuple[RunRecord, Lease]]:
-        if limit <= 0 or (sagas is not None and not sagas):
+        plan = ClaimPlan.of(limit, sagas, limits)
+        if plan is None:
             return []
-        free, capped = split_limits(sagas, limits)
-        params = {
-            "owner": owner,
-            "now": now,
-            "expires": now + lease_seconds,
-            "own": include_own,
-            "skip": list(exclude),
-        }
+        request = ClaimRequest(owner, now, lease_seconds, include_own, tuple(exclude))
 
         async def op(conn: Connection, attempt: int) -> list[tuple[RunRecord, Lease]]:
             cur = conn.cursor(row_factory=dict_row)
             rows: list[dict[str, Any]] = []
             async with conn.transaction():
-                if free is None or free:
-                    sql = self._sql.claim(free, list(capped), bool(exclude), include_own)
-                    await cur.execute(sql, {**params, "sagas": free, "not_sagas": list(capped)})
+                batch = plan.free_batch()
+                if batch is not None:
+                    await cur.execute(self._sql.claim(request.shape(batch)), request.params(batch))
                     rows += await cur.fetchall()
-                for name, cap in sorted(capped.items()):
+                for saga, cap in plan.capped:
                     # One claimer at a time counts and claims a capped saga's runs, across
                     # every worker; the lock ends with the transaction.
                     await cur.execute(
-                        "SELECT pg_advisory_xact_lock(%s)", (_limit_key(self.schema, name),)
+                        "SELECT pg_advisory_xact_lock(%s)", (_limit_key(self.schema, saga),)
                     )
-                    await cur.execute(
-                        f"SELECT COUNT(*) AS n FROM {self._runs} WHERE saga = %s AND "
-                        "status IN ('running', 'compensating') AND lease_expires_at >= %s",
-                        (name, now),
-                    )
+                    await cur.execute(self._sql.executing(), {"saga": saga, "now": now})
                     counted = await cur.fetchone()
-                    room = min(cap - int(counted["n"] if counted else 0), limit - len(rows))
-                    if room > 0:
-                        sql = self._sql.claim([name], [], bool(exclude), include_own)
+                    executing = int(counted["n"]) if counted else 0
+                    batch = plan.capped_batch(saga, cap, executing, len(rows))
+                    if batch is not None:
                         await cur.execute(
-                            sql, {**params, "sagas": [name], "not_sagas": [], "limit": room}
+                            self._sql.claim(request.shape(batch)), request.params(batch)
                         )
                         rows += await cur.fetchall()
             return leased_runs(rows, owner)
 
-        params["limit"] = limit
         return await self._op("claim", op)
 
     async def renew(
