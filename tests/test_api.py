@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import pytest
+
 import storno
 
 EXPECTED = {
@@ -28,6 +30,25 @@ def test_public_names_are_pinned():
     # "@py_builtins" and "@pytest_ar": pytest rewrites asserts in packages that ship a plugin.
     public = {n for n in vars(storno) if n[0] not in "_@" and n not in submodules}
     assert public - EXPECTED == set(), "a public name is not in __all__"
+
+
+SERVER = {
+    "DEFAULT_STUCK_AFTER", "EventLog", "EventMetrics", "JsonFormatter", "Metrics", "Tracing",
+    "configure_logging", "create_app", "find_stuck", "trace_headers",
+}  # fmt: skip
+
+
+def test_server_names_are_pinned():
+    # storno.testing's are pinned in test_fault_kit.py.
+    pytest.importorskip("starlette", reason="storno.server needs the server extra")
+    import storno.server
+
+    assert set(storno.server.__all__) == SERVER
+    assert len(storno.server.__all__) == len(SERVER)
+    public = {n for n in vars(storno.server) if n[0] not in "_@" and n != "annotations"}
+    assert public - SERVER == set(), "a public name of storno.server is not in __all__"
+    for name in SERVER:
+        assert getattr(storno.server, name) is not None, name
 
 
 def test_every_error_descends_from_one_root():

@@ -120,17 +120,18 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
-        running = list(self._tasks.values())
+        running = dict(self._tasks)
+        handed_back: list[str] = []
         if running:
-            _, late = await asyncio.wait(running, timeout=grace)
+            _, late = await asyncio.wait(running.values(), timeout=grace)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        handed_back = [run_id for run_id in list(self._tasks)]
+            # Taken before the tasks end: a finished task leaves ``_tasks`` at once.
+            handed_back = [run_id for run_id, task in running.items() if task in late]
         if handed_back:
             try:
-                # Renewing to expire at time 0 releases the leases without a special query.
-                await self.app.store.renew(self.id, handed_back, now=0.0, lease_seconds=0.0)
+                await self._host.store.release(self.id, handed_back)
             except StoreError as exc:
                 log.warning("could not hand back %d runs: %s", len(handed_back), exc)
 

@@ -1,4 +1,4 @@
-"""The journal interface every backend implements, and the factory that picks one by URL.
+"""The journal interface every backend implements (:mod:`._factory` picks one by URL).
 
 A store keeps two things: one row per run (its current state, lease and result) and the run's
 append-only history. Every write for a running run is *fenced*: it names the lease it was made
@@ -14,18 +14,17 @@ from typing import Any
 
 from storno._errors import LeaseLostError
 from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
-from storno._store._migrations import SchemaStatus, backend_of
+from storno._store._migrations import SchemaStatus
 
 __all__ = [
     "ENDED_STATUSES",
+    "EXPIRED",
     "Delivery",
     "NewRun",
     "RunExistsError",
     "RunUpdate",
     "Store",
     "lease_lost",
-    "open_store",
-    "split_limits",
 ]
 
 
@@ -94,6 +93,11 @@ ENDED_STATUSES = frozenset(
 """Statuses in which a run's inbox takes no more messages (see :meth:`Store.deliver`)."""
 
 
+EXPIRED = 0.0
+"""A lease expiry in the past whatever the clock says: the run is claimable by any worker at
+once (a lease handed back, a run an operator made claimable)."""
+
+
 def lease_lost(lease: Lease) -> LeaseLostError:
     """The error for a write refused because ``lease`` is no longer the run's current one."""
     return LeaseLostError(
@@ -101,18 +105,6 @@ def lease_lost(lease: Lease) -> LeaseLostError:
         f"(epoch {lease.epoch}); another worker took it over, so this worker's "
         f"writes for it are refused"
     )
-
-
-def split_limits(
-    sagas: Sequence[str] | None, limits: Mapping[str, int] | None
-) -> tuple[list[str] | None, dict[str, int]]:
-    """A claim's sagas split into those claimed freely and the capped ones with their caps.
-
-    The free list is ``None`` for "any saga but the capped ones" (no ``sagas`` given).
-    """
-    capped = {n: c for n, c in (limits or {}).items() if sagas is None or n in sagas}
-    free = [n for n in sagas if n not in capped] if sagas is not None else None
-    return free, capped
 
 
 class Store(abc.ABC):
@@ -273,6 +265,14 @@ class Store(abc.ABC):
     ) -> set[str]:
         """Extend the leases ``owner`` holds on these runs; return the ids it no longer holds."""
 
+    @abc.abstractmethod
+    async def release(self, owner: str, run_ids: Sequence[str]) -> None:
+        """Hand back the leases ``owner`` holds on these runs (a stopping worker's runs in
+        flight): they expire at once, whatever the time, so any worker may claim the runs now.
+
+        Runs ``owner`` no longer holds are left alone. Idle workers elsewhere are woken.
+        """
+
     def subscribe(self, callback: Callable[[], None]) -> None:  # noqa: B027 - optional hook
         """Have ``callback`` called (in the event loop) whenever another process may have made
         work available: a run created, a message delivered, a run made claimable, a wake time
@@ -281,15 +281,3 @@ class Store(abc.ABC):
         Stores without cross-process notifications keep this no-op: workers find such work
         by polling.
         """
-
-
-def open_store(url: str) -> Store:
-    """The store for a URL: ``sqlite:///relative.db``, ``sqlite:////abs.db`` or a file path,
-    or ``postgresql://user@host/db`` (``postgres://`` too; needs ``storno[postgres]``)."""
-    if backend_of(url) == "postgres":
-        from storno._store._postgres import PostgresStore
-
-        return PostgresStore(url)
-    from storno._store._sqlite import SQLiteStore
-
-    return SQLiteStore(url)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,14 +26,15 @@ from storno._errors import LeaseLostError, StoreError
 from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
 from storno._store._base import (
     ENDED_STATUSES,
+    EXPIRED,
     Delivery,
     NewRun,
     RunExistsError,
     RunUpdate,
     Store,
     lease_lost,
-    split_limits,
 )
+from storno._store._claims import ClaimPlan, ClaimRequest
 from storno._store._migrations import redact
 from storno._store._postgres_connection import PostgresConnection, parse_postgres_url, quote
 from storno._store._postgres_sql import Statements
@@ -443,7 +443,7 @@ class PostgresStore(PostgresConnection, Store):
                     (
                         status.value,
                         now,
-                        0.0 if claimable else None,
+                        EXPIRED if claimable else None,
                         None if error is None else json.dumps(error),
                         run_id,
                         [s.value for s in expected],
@@ -504,47 +504,36 @@ class PostgresStore(PostgresConnection, Store):
         exclude: Sequence[str] = (),
         limits: Mapping[str, int] | None = None,
     ) -> list[tuple[RunRecord, Lease]]:
-        if limit <= 0 or (sagas is not None and not sagas):
+        plan = ClaimPlan.of(limit, sagas, limits)
+        if plan is None:
             return []
-        free, capped = split_limits(sagas, limits)
-        params = {
-            "owner": owner,
-            "now": now,
-            "expires": now + lease_seconds,
-            "own": include_own,
-            "skip": list(exclude),
-        }
+        request = ClaimRequest(owner, now, lease_seconds, include_own, tuple(exclude))
 
         async def op(conn: Connection, attempt: int) -> list[tuple[RunRecord, Lease]]:
             cur = conn.cursor(row_factory=dict_row)
             rows: list[dict[str, Any]] = []
             async with conn.transaction():
-                if free is None or free:
-                    sql = self._sql.claim(free, list(capped), bool(exclude), include_own)
-                    await cur.execute(sql, {**params, "sagas": free, "not_sagas": list(capped)})
+                batch = plan.free_batch()
+                if batch is not None:
+                    await cur.execute(self._sql.claim(request.shape(batch)), request.params(batch))
                     rows += await cur.fetchall()
-                for name, cap in sorted(capped.items()):
+                for saga, cap in plan.capped:
                     # One claimer at a time counts and claims a capped saga's runs, across
                     # every worker; the lock ends with the transaction.
                     await cur.execute(
-                        "SELECT pg_advisory_xact_lock(%s)", (_limit_key(self.schema, name),)
+                        "SELECT pg_advisory_xact_lock(%s)", (_limit_key(self.schema, saga),)
                     )
-                    await cur.execute(
-                        f"SELECT COUNT(*) AS n FROM {self._runs} WHERE saga = %s AND "
-                        "status IN ('running', 'compensating') AND lease_expires_at >= %s",
-                        (name, now),
-                    )
+                    await cur.execute(self._sql.executing(), {"saga": saga, "now": now})
                     counted = await cur.fetchone()
-                    room = min(cap - int(counted["n"] if counted else 0), limit - len(rows))
-                    if room > 0:
-                        sql = self._sql.claim([name], [], bool(exclude), include_own)
+                    executing = int(counted["n"]) if counted else 0
+                    batch = plan.capped_batch(saga, cap, executing, len(rows))
+                    if batch is not None:
                         await cur.execute(
-                            sql, {**params, "sagas": [name], "not_sagas": [], "limit": room}
+                            self._sql.claim(request.shape(batch)), request.params(batch)
                         )
                         rows += await cur.fetchall()
             return leased_runs(rows, owner)
 
-        params["limit"] = limit
         return await self._op("claim", op)
 
     async def renew(
@@ -558,9 +547,6 @@ class PostgresStore(PostgresConnection, Store):
             f"UPDATE {self._runs} SET lease_expires_at = %s "
             "WHERE owner = %s AND run_id = ANY(%s::text[]) RETURNING run_id"
         )
-        if now + lease_seconds < time.time():
-            # Handed back (a stopping worker expires its leases): others may take them now.
-            sql = f"WITH r AS ({sql}) SELECT run_id, {self._notify_now} FROM r"
 
         async def op(conn: Connection, attempt: int) -> set[str]:
             cur = await conn.execute(sql, (now + lease_seconds, owner, ids))
@@ -568,3 +554,19 @@ class PostgresStore(PostgresConnection, Store):
             return set(ids) - kept
 
         return await self._op("renew", op)
+
+    async def release(self, owner: str, run_ids: Sequence[str]) -> None:
+        ids = list(run_ids)
+        if not ids:
+            return
+        # Others may take the runs now: wake idle workers elsewhere.
+        sql = (
+            f"WITH r AS (UPDATE {self._runs} SET lease_expires_at = {EXPIRED} "
+            "WHERE owner = %s AND run_id = ANY(%s::text[]) RETURNING run_id) "
+            f"SELECT {self._notify_now} WHERE EXISTS (SELECT 1 FROM r)"
+        )
+
+        async def op(conn: Connection, attempt: int) -> None:
+            await conn.execute(sql, (owner, ids))
+
+        await self._op("release", op)

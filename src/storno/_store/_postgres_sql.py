@@ -11,8 +11,23 @@ from typing import Any
 
 from storno._model import RunStatus
 from storno._store._base import RunUpdate
+from storno._store._claims import EXECUTING, Shape, branches, take_over, where
 
 __all__ = ["Statements"]
+
+
+class _Dialect:
+    """PostgreSQL's placeholders for the claim plan: named, a list as one array."""
+
+    def mark(self, name: str) -> str:
+        return f"%({name})s"
+
+    def among(self, column: str, name: str, count: int, *, negate: bool) -> str:
+        term = f"{column} = ANY(%({name})s::text[])"
+        return f"NOT ({term})" if negate else term
+
+
+_DIALECT = _Dialect()
 
 
 class Statements:
@@ -113,39 +128,40 @@ class Statements:
         self._cache[key] = sql
         return sql
 
-    def claim(self, sagas: list[str] | None, not_sagas: list[str], skip: bool, own: bool) -> str:
-        """Lease up to %(limit)s due runs of ``sagas`` (any, if ``None``) but ``not_sagas``;
-        with ``own``, the runs %(owner)s holds too (a worker restarted under its id)."""
-        only = " AND saga = ANY(%(sagas)s::text[])" if sagas is not None else ""
-        if not_sagas:
-            only += " AND NOT (saga = ANY(%(not_sagas)s::text[]))"
-        if skip:
-            only += " AND NOT (run_id = ANY(%(skip)s::text[]))"
-        # Each kind of due run is read through its own status index, oldest first, so a
-        # claim touches due runs only, never the finished ones beside them. SKIP LOCKED: rows
-        # another claimer has locked are passed over, not waited for, so concurrent claimers
-        # split the due runs between them and never share one.
+    def claim(self, shape: Shape) -> str:
+        """Lease one batch's runs (see :mod:`storno._store._claims`), for batches of this shape."""
+        key = ("claim", shape)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        # SKIP LOCKED: rows another claimer has locked are passed over, not waited for, so
+        # concurrent claimers split the due runs between them and never share one. Without
+        # include_own, the range on the lease expiry also keeps the scan off the index entries
+        # of the superseded "running" versions of runs that went on to wait or end (until
+        # vacuum removes them, a parked run leaves one behind): their leases had not expired
+        # when they changed.
         lock = "LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
-        # A range on the lease expiry keeps the scan off the index entries of the superseded
-        # "running" versions of runs that went on to wait or end (until vacuum removes them,
-        # a parked run leaves one behind): their leases had not expired when they changed.
-        expired = "lease_expires_at < %(now)s"
-        if own:
-            expired = f"({expired} OR owner = %(owner)s)"
-        return (
-            f"WITH pending AS (SELECT run_id, created_at FROM {self.runs} "
-            f"WHERE status = 'pending' AND (wake_at IS NULL OR wake_at <= %(now)s){only} "
-            f"ORDER BY created_at {lock}), "
-            f"woken AS (SELECT run_id, created_at FROM {self.runs} "
-            f"WHERE status = 'waiting' AND wake_at <= %(now)s{only} ORDER BY wake_at {lock}), "
-            f"expired AS (SELECT run_id, created_at FROM {self.runs} "
-            "WHERE status IN ('running', 'compensating') "
-            f"AND {expired}{only} {lock}), "
-            "due AS (SELECT run_id FROM (SELECT * FROM pending UNION ALL SELECT * FROM woken "
-            "UNION ALL SELECT * FROM expired) AS d ORDER BY created_at LIMIT %(limit)s) "
-            f"UPDATE {self.runs} AS r SET owner = %(owner)s, epoch = r.epoch + 1, "
-            "lease_expires_at = %(expires)s, updated_at = %(now)s, wake_at = NULL, "
-            "status = CASE WHEN r.status IN ('pending', 'waiting') THEN 'running' "
-            "ELSE r.status END "
+        kinds = branches(shape.include_own)
+        picks = []
+        for branch in kinds:
+            order = f" ORDER BY {branch.order}" if branch.order else ""
+            picks.append(
+                f"{branch.name} AS (SELECT run_id, created_at FROM {self.runs} "
+                f"WHERE {where(branch, shape, _DIALECT)}{order} {lock})"
+            )
+        union = " UNION ALL ".join(f"SELECT * FROM {branch.name}" for branch in kinds)
+        sql = (
+            f"WITH {', '.join(picks)}, "
+            f"due AS (SELECT run_id FROM ({union}) AS d ORDER BY created_at LIMIT %(limit)s) "
+            f"UPDATE {self.runs} AS r SET {take_over(_DIALECT)} "
             "FROM due WHERE r.run_id = due.run_id RETURNING r.*"
+        )
+        self._cache[key] = sql
+        return sql
+
+    def executing(self) -> str:
+        """How many runs of saga %(saga)s a live worker holds (against the saga's limit)."""
+        return (
+            f"SELECT COUNT(*) AS n FROM {self.runs} WHERE saga = %(saga)s AND "
+            f"{EXECUTING.format(now='%(now)s')}"
         )

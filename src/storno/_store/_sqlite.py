@@ -18,14 +18,15 @@ from storno._errors import StoreError
 from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
 from storno._store._base import (
     ENDED_STATUSES,
+    EXPIRED,
     Delivery,
     NewRun,
     RunExistsError,
     RunUpdate,
     Store,
     lease_lost,
-    split_limits,
 )
+from storno._store._claims import Batch, ClaimPlan, ClaimRequest
 from storno._store._migrations import SchemaStatus, status
 from storno._store._rows import (
     event_from_row,
@@ -45,6 +46,7 @@ from storno._store._sqlite_connection import (
     parse_sqlite_url,
     sqlite_error,
 )
+from storno._store._sqlite_sql import COUNT_EXECUTING, claim_sql, update_statement
 
 __all__ = ["SQLiteStore", "migrate", "parse_sqlite_url"]
 
@@ -131,98 +133,12 @@ def _insert_run(
     return row, True
 
 
-def _update_statement(
-    lease: Lease, update: RunUpdate | None, now: float, lease_seconds: float, state: str | None
-) -> tuple[str, list[Any]]:
-    """The UPDATE of a run's row for a write under ``lease`` (fenced by owner and epoch)."""
-    sets = ["updated_at = ?", "lease_expires_at = ?", "state = COALESCE(?, state)"]
-    params: list[Any] = [now, now + lease_seconds, state]
-    if update is not None:
-        if update.release:
-            params[1] = None
-        sets += [
-            "status = ?",
-            "result = COALESCE(?, result)",
-            "error = COALESCE(?, error)",
-            "owner = CASE WHEN ? THEN NULL ELSE owner END",
-            # A message that arrived while the run decided to wait wakes it at once.
-            "wake_at = CASE WHEN ? IS NOT NULL AND inbox_seq > ? THEN ? ELSE ? END",
-        ]
-        params += [
-            update.status.value,
-            update.result,
-            json.dumps(update.error) if update.error is not None else None,
-            update.release,
-            update.seen_inbox,
-            update.seen_inbox,
-            now,
-            update.wake_at,
-        ]
-    sql = (
-        f"UPDATE storno_runs SET {', '.join(sets)} "
-        "WHERE run_id = ? AND owner = ? AND epoch = ? RETURNING inbox_seq"
-    )
-    params += [lease.run_id, lease.owner, lease.epoch]
-    return sql, params
-
-
-def _executing(conn: sqlite3.Connection, saga: str, now: float) -> int:
-    """Runs of a saga that a live worker holds right now (for concurrency limits)."""
-    row = conn.execute(
-        "SELECT COUNT(*) FROM storno_runs INDEXED BY storno_runs_by_status "
-        "WHERE status IN ('running', 'compensating') AND lease_expires_at >= ? AND +saga = ?",
-        (now, saga),
-    ).fetchone()
-    return int(row[0])
-
-
-def _claim_rows(
-    conn: sqlite3.Connection,
-    owner: str,
-    now: float,
-    lease_seconds: float,
-    include_own: bool,
-    skip: list[str],
-    limit: int,
-    sagas: list[str] | None,
-    not_sagas: list[str],
-) -> list[sqlite3.Row]:
-    """Lease up to ``limit`` due runs of these sagas (any, if ``None``) but ``not_sagas``."""
-    # "+saga" keeps the planner off the saga index: each branch below must walk its own
-    # status index, touching due runs only, never a saga's finished ones.
-    only, filters = "", [*(sagas or []), *not_sagas, *skip]
-    if sagas is not None:
-        only += f" AND +saga IN ({','.join('?' * len(sagas))})"
-    if not_sagas:
-        only += f" AND +saga NOT IN ({','.join('?' * len(not_sagas))})"
-    if skip:
-        only += f" AND run_id NOT IN ({','.join('?' * len(skip))})"
-    branches = (
-        "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_status_created"
-        f" WHERE status = 'pending' AND (wake_at IS NULL OR wake_at <= ?){only}"
-        " ORDER BY created_at LIMIT ?",
-        "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_wake"
-        f" WHERE status = 'waiting' AND wake_at <= ?{only} ORDER BY wake_at LIMIT ?",
-        "SELECT run_id, created_at FROM storno_runs INDEXED BY storno_runs_by_status"
-        " WHERE status IN ('running', 'compensating')"
-        f" AND (lease_expires_at < ? OR (? AND owner = ?)){only} LIMIT ?",
-    )
-    union = " UNION ALL ".join(f"SELECT * FROM ({b})" for b in branches)
-    sql = (
-        "UPDATE storno_runs SET owner = ?, epoch = epoch + 1, lease_expires_at = ?, "
-        " updated_at = ?, wake_at = NULL, "
-        " status = CASE WHEN status IN ('pending', 'waiting') THEN 'running' ELSE status END "
-        f"WHERE run_id IN (SELECT run_id FROM ({union}) ORDER BY created_at LIMIT ?) "
-        "RETURNING *"
-    )
-    params = (
-        *(owner, now + lease_seconds, now),
-        *(now, *filters, limit),
-        *(now, *filters, limit),
-        *(now, include_own, owner, *filters, limit),
-        limit,
-    )
-    return conn.execute(sql, params).fetchall()
+def _claim_rows(conn: sqlite3.Connection, request: ClaimRequest, batch: Batch) -> list[sqlite3.Row]:
+    """Lease one batch's runs (inside the claim's transaction)."""
+    params = request.params(batch)
+    for name in ("sagas", "not_sagas", "skip"):
+        params.update((f"{name}{i}", value) for i, value in enumerate(params.pop(name)))
+    return conn.execute(claim_sql(request.shape(batch)), params).fetchall()
 
 
 class SQLiteStore(Store):
@@ -385,7 +301,7 @@ class SQLiteStore(Store):
             # Reading the row inside the write transaction fences as well as updating it.
             sql, params = _FENCE, [lease.run_id, lease.owner, lease.epoch]
         else:
-            sql, params = _update_statement(lease, update, now, lease_seconds, state)
+            sql, params = update_statement(lease, update, now, lease_seconds, state)
             if update is not None and update.notify is not None and update.notify_run_id:
                 notify = (update.notify_run_id, update.notify)
 
@@ -445,7 +361,7 @@ class SQLiteStore(Store):
                 (
                     status.value,
                     now,
-                    0.0 if claimable else None,
+                    EXPIRED if claimable else None,
                     error_text,
                     run_id,
                     *expected,
@@ -479,19 +395,22 @@ class SQLiteStore(Store):
         exclude: Sequence[str] = (),
         limits: Mapping[str, int] | None = None,
     ) -> list[tuple[RunRecord, Lease]]:
-        if limit <= 0 or (sagas is not None and not sagas):
+        plan = ClaimPlan.of(limit, sagas, limits)
+        if plan is None:
             return []
-        free, capped = split_limits(sagas, limits)
-        common = (owner, now, lease_seconds, include_own, list(exclude))
+        request = ClaimRequest(owner, now, lease_seconds, include_own, tuple(exclude))
 
         def op(conn: sqlite3.Connection) -> list[tuple[RunRecord, Lease]]:
+            # One transaction of the one writer: no other claimer counts or claims meanwhile.
             rows: list[sqlite3.Row] = []
-            if free is None or free:
-                rows += _claim_rows(conn, *common, limit, free, list(capped))
-            for name, cap in sorted(capped.items()):
-                room = min(cap - _executing(conn, name, now), limit - len(rows))
-                if room > 0:
-                    rows += _claim_rows(conn, *common, room, [name], [])
+            batch = plan.free_batch()
+            if batch is not None:
+                rows += _claim_rows(conn, request, batch)
+            for saga, cap in plan.capped:
+                executing = int(conn.execute(COUNT_EXECUTING, (now, saga)).fetchone()[0])
+                batch = plan.capped_batch(saga, cap, executing, len(rows))
+                if batch is not None:
+                    rows += _claim_rows(conn, request, batch)
             return leased_runs(rows, owner)
 
         result: list[tuple[RunRecord, Lease]] = await self._write(op)
@@ -521,3 +440,19 @@ class SQLiteStore(Store):
 
         result: set[str] = await self._write(op)
         return result
+
+    async def release(self, owner: str, run_ids: Sequence[str]) -> None:
+        ids = list(run_ids)
+        if not ids:
+            return
+
+        def op(conn: sqlite3.Connection) -> None:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                conn.execute(
+                    f"UPDATE storno_runs SET lease_expires_at = {EXPIRED} WHERE owner = ? "
+                    f"AND run_id IN ({','.join('?' * len(chunk))})",
+                    (owner, *chunk),
+                )
+
+        await self._write(op)
