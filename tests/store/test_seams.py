@@ -18,6 +18,9 @@ POSTGRES = {"_postgres", "_postgres_connection", "_postgres_sql"}
 def _store_imports(module: str) -> set[str]:
     """The ``storno._store`` modules that ``module`` imports (by their last name)."""
     tree = ast.parse((STORE / f"{module}.py").read_text())
+    for node in ast.walk(tree):  # imports for type checking only are no dependency
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            node.body = []
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:

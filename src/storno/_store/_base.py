@@ -10,11 +10,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storno._errors import LeaseLostError
 from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
-from storno._store._migrations import SchemaStatus
+
+if TYPE_CHECKING:
+    from storno._store._migrations import SchemaStatus  # a type only: no backend is imported
 
 __all__ = [
     "ENDED_STATUSES",
