@@ -26,9 +26,15 @@ if TYPE_CHECKING:
     from storno._app import Storno
     from storno._host import RunHost
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "run_task_name"]
 
 log = logging.getLogger("storno.worker")
+
+
+def run_task_name(run_id: str) -> str:
+    """The name of the asyncio task that executes a run in a worker: tools that must find
+    that task (the testing kit's simulated crashes) look it up by this name."""
+    return f"storno-run:{run_id}"
 
 
 class Worker:
@@ -186,7 +192,9 @@ class Worker:
         history: list[Event] | None,
         birth: Birth | None = None,
     ) -> None:
-        task = asyncio.create_task(self._execute(record, lease, history, birth))
+        task = asyncio.create_task(
+            self._execute(record, lease, history, birth), name=run_task_name(record.run_id)
+        )
         self._tasks[record.run_id] = task
 
         def done(_: asyncio.Task[None]) -> None:

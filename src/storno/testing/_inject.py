@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from storno import _faults
 from storno._definitions import Step
 from storno._errors import TerminalError
+from storno._worker import run_task_name
 
 if TYPE_CHECKING:
     from storno._app import Storno
@@ -179,15 +180,9 @@ def _quiet_crash(run_id: str | None) -> None:
         tasks = asyncio.all_tasks()
     except RuntimeError:
         return
+    name = run_task_name(run_id) if run_id is not None else None
     for task in tasks:
-        coro = task.get_coro()
-        frame = getattr(coro, "cr_frame", None)
-        record = frame.f_locals.get("record") if frame is not None else None
-        is_run_task = (
-            getattr(coro, "__qualname__", "") == "Worker._execute"
-            and getattr(record, "run_id", None) == run_id
-        )
-        if task is current or is_run_task:
+        if task is current or task.get_name() == name:
             task.add_done_callback(_forget_crash)
 
 
