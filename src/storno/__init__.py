@@ -5,18 +5,16 @@ compensated, and survive crashes on the way. The original booking stays; a count
 undoes its effect.
 """
 
-from storno._app import RunHandle, Storno
+from storno._app import Storno
 from storno._context import Approval, SagaContext, SyncSagaContext
 from storno._definitions import (
     NOT_APPLIED,
     UNKNOWN,
     CompensationContext,
     NotApplied,
-    Saga,
     Step,
     StepContext,
     Unknown,
-    saga,
     step,
 )
 from storno._errors import (
@@ -46,8 +44,10 @@ from storno._errors import (
     TerminalError,
     WaitTimeoutError,
 )
+from storno._handle import RunHandle
 from storno._model import RetryPolicy, RunStatus, StepKind
 from storno._plan import Plan, PlanStep, validate_plan
+from storno._saga import Saga, saga
 from storno._views import CompensationInfo, HistoryEvent, RunInfo, StepInfo
 from storno._worker import Worker
 

@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from storno import _operator
 from storno._approvals import check_decision_wanted
 from storno._clock import Clock, SystemClock
-from storno._definitions import Saga, Step
+from storno._definitions import Step
 from storno._errors import (
-    CompensationFailedError,
     ConfigurationError,
-    NeedsAttentionError,
-    RunCancelledError,
-    RunCompensatedError,
     RunConflictError,
-    RunFailedError,
     RunNotFoundError,
     RunStateError,
-    WaitTimeoutError,
 )
+from storno._handle import RunHandle
 from storno._history import fold
 from storno._host import EventListener, RunHost
 from storno._model import (
@@ -45,7 +38,8 @@ from storno._model import (
 )
 from storno._plan import Plan, PlanStep, parse_plan, validate_plan
 from storno._registry import Registry
-from storno._serde import DEFAULT_MAX_PAYLOAD_BYTES, decode, describe, encode
+from storno._saga import Saga
+from storno._serde import DEFAULT_MAX_PAYLOAD_BYTES, describe, encode
 from storno._store import NewRun, Store, open_store
 from storno._views import RunInfo, describe_run
 from storno._worker import Worker
@@ -60,13 +54,6 @@ log = logging.getLogger("storno.app")
 
 ENDED = ENDED_STATUSES
 """States in which no worker will move a run without a person (or never again)."""
-
-_FAILURES: Mapping[RunStatus, type[RunFailedError]] = {
-    RunStatus.COMPENSATED: RunCompensatedError,
-    RunStatus.COMPENSATION_FAILED: CompensationFailedError,
-    RunStatus.NEEDS_ATTENTION: NeedsAttentionError,
-    RunStatus.CANCELLED: RunCancelledError,
-}
 
 
 def _statuses(
@@ -477,74 +464,3 @@ class Storno:
             known = ", ".join(sorted(state)) or "none yet"
             raise LookupError(f"run {run_id} has published no value {name!r} (published: {known})")
         return state[name]
-
-
-class RunHandle(Generic[R]):
-    """A started run: wait for its result, read its status and history."""
-
-    def __init__(
-        self,
-        app: Storno,
-        run_id: str,
-        *,
-        settled: asyncio.Future[RunRecord | None] | None = None,
-    ) -> None:
-        self.app = app
-        self.run_id = run_id
-        # Set for a run executing in this process: it settles when the run stops here (with
-        # its final state if it ended), so the first look at the store can wait for that.
-        self._settled = settled
-
-    def __repr__(self) -> str:
-        return f"<storno.RunHandle {self.run_id}>"
-
-    async def status(self) -> RunStatus:
-        record = await self.app.store.get_run(self.run_id)
-        if record is None:
-            raise RunNotFoundError(self.run_id)
-        return record.status
-
-    async def describe(self) -> RunInfo:
-        return await self.app.describe(self.run_id)
-
-    async def result(self, timeout: float | None = None) -> R:
-        """Wait until the run ends; return its result or raise why it has none.
-
-        Raises :class:`storno.RunCompensatedError`, :class:`storno.CompensationFailedError`
-        or :class:`storno.NeedsAttentionError`; :class:`storno.WaitTimeoutError` if
-        ``timeout`` seconds pass first (the run goes on).
-        """
-        loop = asyncio.get_running_loop()
-        give_up = None if timeout is None else loop.time() + timeout
-        interval = 0.01
-        known: RunRecord | None = None
-        settled, self._settled = self._settled, None
-        if settled is not None:
-            # The run executes here and says when it stops: wait for that, not the store.
-            with contextlib.suppress(TimeoutError):
-                known = await asyncio.wait_for(
-                    asyncio.shield(settled), None if give_up is None else give_up - loop.time()
-                )
-        while True:
-            future = self.app.host.watch(self.run_id)
-            record = known
-            if record is None:
-                record = await self.app.store.get_run(self.run_id)
-                if record is None:
-                    raise RunNotFoundError(self.run_id)
-            if record.status in ENDED:
-                self.app.host.unwatch(self.run_id, future)
-                if record.status is RunStatus.COMPLETED:
-                    value: R = decode(record.result or "null", what=f"result of run {self.run_id}")  # type: ignore[assignment]
-                    return value
-                raise _FAILURES[record.status](self.run_id, record.status.value, record.error)
-            wait = interval if give_up is None else min(interval, give_up - loop.time())
-            if wait <= 0:
-                raise WaitTimeoutError(
-                    f"run {self.run_id} is still {record.status.value} after {timeout}s; it "
-                    f"goes on, wait again or look at it with `storno show {self.run_id}`"
-                )
-            try:
-                known = await asyncio.wait_for(future, wait)
-            except TimeoutError:
-                interval = min(interval * 2, 0.5)

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from storno._errors import ApprovalRejectedError, ConfigurationError
 
 if TYPE_CHECKING:
-    from storno._definitions import Saga, Step
+    from storno._definitions import Step
     from storno._runtime import Runtime
+    from storno._saga import Saga
 
 __all__ = ["Approval", "SagaContext", "SyncSagaContext"]
 

@@ -25,7 +25,7 @@ from storno._attempts import Calls
 from storno._clock import Clock
 from storno._compensation import compensate
 from storno._context import SagaContext, SyncSagaContext
-from storno._definitions import Saga, Step
+from storno._definitions import Step
 from storno._errors import (
     ArgumentMismatchError,
     LeaseLostError,
@@ -37,6 +37,7 @@ from storno._inbox import Cancelled, Inbox
 from storno._journal import Birth, Journal
 from storno._model import Event, EventType, InboxMessage, Lease, MessageKind, RunRecord, RunStatus
 from storno._replay import Replay
+from storno._saga import Saga
 from storno._serde import decode, describe, encode
 from storno._steps import ForwardAttempts
 from storno._store import NewRun, RunExistsError, RunUpdate, Store

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from storno._clock import Clock
-from storno._definitions import Saga, Step
+from storno._definitions import Step
 from storno._errors import StoreError
 from storno._model import Event, RunRecord
 from storno._registry import Registry
+from storno._saga import Saga
 from storno._store import NewRun, RunExistsError, Store
 
 if TYPE_CHECKING:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storno._context import SagaContext
-from storno._definitions import Saga, Step
+from storno._definitions import Step
 from storno._errors import ConfigurationError, PlanError
 from storno._model import StepKind
+from storno._saga import Saga
 
 __all__ = ["PLAN_SAGA_NAME", "Plan", "PlanStep", "parse_plan", "plan_saga", "validate_plan"]
 

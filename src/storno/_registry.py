@@ -9,9 +9,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from storno._definitions import Saga, Step
+from storno._definitions import Step
 from storno._errors import ConfigurationError
 from storno._plan import PLAN_SAGA_NAME, plan_saga
+from storno._saga import Saga
 
 __all__ = ["Registry"]
 

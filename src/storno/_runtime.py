@@ -12,7 +12,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from storno._definitions import Saga, Step
+    from storno._definitions import Step
+    from storno._saga import Saga
 
 __all__ = ["Runtime"]
 

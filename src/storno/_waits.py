@@ -14,7 +14,6 @@ import asyncio
 from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from storno._definitions import Saga
 from storno._errors import (
     ChildFailedError,
     ConfigurationError,
@@ -31,6 +30,7 @@ from storno._model import (
     StepKind,
     check_time,
 )
+from storno._saga import Saga
 from storno._serde import decode
 from storno._store import NewRun
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storno._app import ENDED, Storno
-from storno._definitions import Saga, Step
+from storno._app import Storno
+from storno._definitions import Step
 from storno._errors import ConfigurationError
-from storno._model import RunStatus, StepKind
+from storno._model import ENDED_STATUSES, RunStatus, StepKind
+from storno._saga import Saga
 from storno._views import RunInfo
 from storno._worker import Worker
 from storno.testing._clock import VirtualClock
@@ -315,7 +316,7 @@ async def _drive(
     while True:
         record = await app.store.get_run(run_id)
         assert record is not None
-        if record.status in ENDED:
+        if record.status in ENDED_STATUSES:
             return record.status, worker
         if len(faults.crashes) > restarts:
             restarts += 1

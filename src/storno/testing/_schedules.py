@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storno._app import ENDED, Storno
-from storno._definitions import Saga, Step
-from storno._model import Event, EventType, RunRecord, RunStatus, StepKind
+from storno._app import Storno
+from storno._definitions import Step
+from storno._model import ENDED_STATUSES, Event, EventType, RunRecord, RunStatus, StepKind
+from storno._saga import Saga
 from storno._views import RunInfo
 from storno._worker import Worker
 from storno.testing._clock import VirtualClock
@@ -346,7 +347,7 @@ class _Runner:
                     if record is None or run_id in ended:
                         continue
                     waiting.pop(run_id, None)
-                    if record.status in ENDED:
+                    if record.status in ENDED_STATUSES:
                         ended[run_id] = record.status
                     elif record.status is RunStatus.WAITING:
                         waiting[run_id] = record.wake_at
