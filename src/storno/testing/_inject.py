@@ -10,19 +10,23 @@ id, which resumes it at once.
 from __future__ import annotations
 
 import asyncio
-import copy
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from storno import _faults
-from storno._definitions import Step
 from storno._errors import TerminalError
 from storno._worker import run_task_name
-
-if TYPE_CHECKING:
-    from storno._app import Storno
-    from storno._worker import Worker
+from storno.testing._restart import restart_worker, restart_workers
+from storno.testing._rules import (
+    CALL_POINTS,
+    ErrorSpec,
+    FaultRule,
+    Injection,
+    SimulatedCrash,
+    StepRef,
+    When,
+    error_maker,
+    step_name,
+)
 
 __all__ = [
     "FaultInjector",
@@ -32,138 +36,6 @@ __all__ = [
     "restart_worker",
     "restart_workers",
 ]
-
-StepRef = str | Step[..., Any]
-ErrorSpec = BaseException | type[BaseException] | None
-When = Literal["before_call", "after_call"]
-_POINTS = {
-    ("step", "before_call"): "step.started",
-    ("step", "after_call"): "step.returned",
-    ("compensation", "before_call"): "compensation.started",
-    ("compensation", "after_call"): "compensation.returned",
-}
-
-
-class SimulatedCrash(BaseException):
-    """The worker's process 'dies' at a fault point.
-
-    A ``BaseException``, so it escapes the engine's error handling: the run's task ends with
-    nothing more written and its lease still held, as after a SIGKILL. Resume the run with
-    :func:`restart_worker` (or let the lease expire).
-    """
-
-    def __init__(self, point: str, details: dict[str, Any]) -> None:
-        where = ", ".join(f"{k}={v!r}" for k, v in details.items())
-        super().__init__(f"simulated crash at {point} ({where})")
-        self.point = point
-        self.details = dict(details)
-
-
-@dataclass(frozen=True, slots=True)
-class Injection:
-    """One fault that fired: where, in which run, and what was raised."""
-
-    rule: FaultRule
-    point: str
-    run_id: str | None
-    step: str | None
-    attempt: int | None
-    call: int | None
-    error: BaseException
-
-    @property
-    def crashed(self) -> bool:
-        return isinstance(self.error, SimulatedCrash)
-
-
-class FaultRule:
-    """One rule of a :class:`FaultInjector`: at ``point``, for ``step``, raise an error.
-
-    ``times`` faults are injected per call of the step in each run (``None``: every time),
-    after letting the first ``after`` visits through. ``fired`` counts the faults injected;
-    ``crashes`` says whether they are simulated crashes.
-    """
-
-    def __init__(
-        self,
-        description: str,
-        point: str,
-        make_error: Callable[[dict[str, Any]], BaseException],
-        *,
-        step: str | None = None,
-        times: int | None = 1,
-        after: int = 0,
-        run_id: str | None = None,
-        call: int | None = None,
-        match: dict[str, Any] | None = None,
-        crashes: bool = False,
-    ) -> None:
-        if point not in _faults.POINTS:
-            raise ValueError(f"unknown fault point {point!r}; the engine has {_faults.POINTS}")
-        if times is not None and times < 1:
-            raise ValueError(f"times must be at least 1 (or None for always), got {times}")
-        if after < 0:
-            raise ValueError(f"after must not be negative, got {after}")
-        if call is not None and call < 1:
-            raise ValueError(f"call counts from 1, got {call}")
-        self.description = description
-        self.point = point
-        self.crashes = crashes
-        self.step = step
-        self.times = times
-        self.after = after
-        self.run_id = run_id
-        self.call = call
-        self.match = dict(match or {})
-        self.fired = 0
-        self._make_error = make_error
-        self._visits: dict[tuple[str | None, int | None], int] = {}
-        self._fired_at: dict[tuple[str | None, int | None], int] = {}
-
-    def __repr__(self) -> str:
-        return f"<FaultRule {self.description} at {self.point}, fired {self.fired}>"
-
-    def _applies(self, point: str, details: dict[str, Any], call: int | None) -> bool:
-        if point != self.point:
-            return False
-        if self.step is not None and details.get("step") != self.step:
-            return False
-        if self.run_id is not None and details.get("run_id") != self.run_id:
-            return False
-        if self.call is not None and call != self.call:
-            return False
-        return all(details.get(k) == v for k, v in self.match.items())
-
-    def _take(self, run_id: str | None, call: int | None) -> bool:
-        """Count a visit; True if this one gets the fault."""
-        slot = (run_id, call)
-        visits = self._visits[slot] = self._visits.get(slot, 0) + 1
-        if visits <= self.after:
-            return False
-        fired = self._fired_at.get(slot, 0)
-        if self.times is not None and fired >= self.times:
-            return False
-        self._fired_at[slot] = fired + 1
-        self.fired += 1
-        return True
-
-
-def _error_maker(
-    error: ErrorSpec, default: type[BaseException], what: str
-) -> Callable[[dict[str, Any]], BaseException]:
-    def make(details: dict[str, Any]) -> BaseException:
-        if isinstance(error, BaseException):
-            return copy.copy(error)
-        kind = error or default
-        run, attempt = details.get("run_id"), details.get("attempt")
-        suffix = f" (run {run}, attempt {attempt})" if attempt else f" (run {run})"
-        return kind(f"injected: {what}{suffix}")
-
-    return make
-
-
-def _step_name(step: StepRef) -> str:
-    return step.name if isinstance(step, Step) else step
 
 
 def _forget_crash(task: asyncio.Task[Any]) -> None:
@@ -250,13 +122,13 @@ class FaultInjector:
         """The step's attempts fail before the call is made, with a transient error
         (``ConnectionError`` unless ``error`` is given: an instance, or a type to raise with a
         message), so the engine retries them by the step's retry policy."""
-        name = _step_name(step)
+        name = step_name(step)
         what = f"transient failure of step {name!r}"
         return self.add(
             FaultRule(
                 what,
                 "step.started",
-                _error_maker(error, ConnectionError, what),
+                error_maker(error, ConnectionError, what),
                 step=name,
                 times=times,
                 after=after,
@@ -276,13 +148,13 @@ class FaultInjector:
     ) -> FaultRule:
         """The step fails with :class:`storno.TerminalError` before its call: the forward path
         ends (compensation before the point of no return, a parked run after it)."""
-        name = _step_name(step)
+        name = step_name(step)
         what = f"terminal failure of step {name!r}"
         return self.add(
             FaultRule(
                 what,
                 "step.started",
-                _error_maker(error, TerminalError, what),
+                error_maker(error, TerminalError, what),
                 step=name,
                 after=after,
                 run_id=run_id,
@@ -307,13 +179,13 @@ class FaultInjector:
         the step's ``verify`` (which must find the call when it landed and answer
         ``storno.NOT_APPLIED`` when it did not), else retries under the same idempotency key.
         """
-        name = _step_name(step)
+        name = step_name(step)
         what = f"timeout of step {name!r}" + (" after the call landed" if landed else "")
         return self.add(
             FaultRule(
                 what,
                 "step.returned" if landed else "step.started",
-                _error_maker(None, TimeoutError, what),
+                error_maker(None, TimeoutError, what),
                 step=name,
                 times=times,
                 after=after,
@@ -350,13 +222,13 @@ class FaultInjector:
         """The step's compensation attempts fail before their call (``ConnectionError`` unless
         ``error`` is given); they are retried by its ``compensation_retry``. ``times=None``
         (or more failures than that policy allows) makes a dead letter."""
-        name = _step_name(step)
+        name = step_name(step)
         what = f"failure of the compensation of step {name!r}"
         return self.add(
             FaultRule(
                 what,
                 "compensation.started",
-                _error_maker(error, ConnectionError, what),
+                error_maker(error, ConnectionError, what),
                 step=name,
                 times=times,
                 after=after,
@@ -411,10 +283,10 @@ class FaultInjector:
         run_id: str | None,
         call: int | None,
     ) -> FaultRule:
-        if (where, when) not in _POINTS:
+        if (where, when) not in CALL_POINTS:
             raise ValueError(f'when must be "before_call" or "after_call", got {when!r}')
-        point = _POINTS[where, when]
-        name = _step_name(step)
+        point = CALL_POINTS[where, when]
+        name = step_name(step)
         subject = f"step {name!r}" if where == "step" else f"the compensation of step {name!r}"
         what = f"crash {when.replace('_', ' ')} of {subject}"
         return self.add(
@@ -506,35 +378,3 @@ class FaultInjector:
                 raise error
         if self._previous is not None:
             self._previous(point, original)
-
-
-async def restart_worker(worker: Worker, *, grace: float = 10.0) -> Worker:
-    """Stand in for restarting a worker's process after a :class:`SimulatedCrash`.
-
-    Stops ``worker`` (its other runs get ``grace`` seconds to finish, then are handed back)
-    and starts a new worker for the same application with the same ``worker_id``, which
-    resumes the runs its predecessor held at once. Returns the new worker; the application
-    stops it when it closes.
-    """
-    app = worker.app
-    await worker.stop(grace=grace)
-    successor = app.worker(
-        worker_id=worker.id, concurrency=worker.concurrency, poll_interval=worker.poll_interval
-    )
-    await successor.start()
-    return successor
-
-
-async def restart_workers(app: Storno, *, grace: float = 10.0) -> list[Worker]:
-    """:func:`restart_worker` for every worker running in ``app``: a process restart."""
-    workers = app.workers
-    for worker in workers:
-        await worker.stop(grace=grace)
-    successors = []
-    for worker in workers:
-        successor = app.worker(
-            worker_id=worker.id, concurrency=worker.concurrency, poll_interval=worker.poll_interval
-        )
-        await successor.start()
-        successors.append(successor)
-    return successors
