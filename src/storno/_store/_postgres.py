@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from storno._errors import LeaseLostError, StoreError
 from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunStatus
 from storno._store._base import (
-    ENDED_STATUSES,
     EXPIRED,
     Delivery,
     NewRun,
@@ -37,15 +36,14 @@ from storno._store._base import (
 from storno._store._claims import ClaimPlan, ClaimRequest
 from storno._store._migrations import redact
 from storno._store._postgres_connection import PostgresConnection, parse_postgres_url, quote
+from storno._store._postgres_inbox import deliver_in
 from storno._store._postgres_sql import Statements
 from storno._store._rows import (
     EVENT_COLUMNS,
-    MESSAGE_COLUMNS,
     event_from_row,
     event_values,
     leased_runs,
     message_from_row,
-    message_values,
     run_filters,
     run_from_row,
 )
@@ -290,7 +288,15 @@ class PostgresStore(PostgresConnection, Store):
                         raise _Fenced
                     if notify is not None:
                         run_id, message = notify
-                        await self._deliver_in(conn, run_id, message, now, uncertain=uncertain)
+                        await deliver_in(
+                            conn,
+                            self._sql,
+                            self._notify_now,
+                            run_id,
+                            message,
+                            now,
+                            uncertain=uncertain,
+                        )
                     return int(row[0])
             except (_Fenced, psycopg.errors.UniqueViolation) as exc:
                 # Refused, or its events are there already: if an earlier try whose answer
@@ -335,73 +341,12 @@ class PostgresStore(PostgresConnection, Store):
 
     # --- the inbox ---------------------------------------------------------------------
 
-    async def _deliver_in(
-        self,
-        conn: Connection,
-        run_id: str,
-        message: InboxMessage,
-        now: float,
-        *,
-        uncertain: bool = False,
-    ) -> Delivery | None:
-        """Store a message and wake the run if it waits (inside the caller's transaction)."""
-        cur = await conn.execute(
-            f"SELECT status, inbox_seq FROM {self._runs} WHERE run_id = %s FOR UPDATE",
-            (run_id,),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        status = RunStatus(row[0])
-        # A repeated id is a duplicate even once the run has ended (see the SQLite store).
-        if message.message_id is not None:
-            cur = await conn.execute(
-                f"SELECT seq FROM {self._inbox} WHERE run_id = %s AND message_id = %s",
-                (run_id, message.message_id),
-            )
-            seen = await cur.fetchone()
-            if seen is not None:
-                return Delivery(status, int(seen[0]), duplicate=True)
-        if status in ENDED_STATUSES:
-            return Delivery(status, 0)
-        if message.message_id is None and uncertain and row[1] > 0:
-            # An earlier try of this delivery may have committed: the same message sent at
-            # the same time is taken for it rather than stored twice.
-            dcur = conn.cursor(row_factory=dict_row)
-            await dcur.execute(
-                f"SELECT * FROM {self._inbox} WHERE run_id = %s AND seq = %s", (run_id, row[1])
-            )
-            last = await dcur.fetchone()
-            if (
-                last is not None
-                and last["kind"] == message.kind.value
-                and last["name"] == message.name
-                and last["payload"] == message.payload
-                and last["sent_at"] == now
-                and json.loads(last["meta"]) == message.meta
-            ):
-                return Delivery(status, int(row[1]))
-        seq = int(row[1]) + 1
-        await conn.execute(
-            f"WITH m AS (INSERT INTO {self._inbox} (run_id, seq, kind, name, message_id, payload,"
-            " meta, sent_at) VALUES (%(run_id)s, %(seq)s, %(kind)s, %(name)s, %(message_id)s,"
-            f" %(payload)s, %(meta)s, %(now)s)) UPDATE {self._runs} SET inbox_seq = %(seq)s,"
-            " wake_at = CASE WHEN status = 'waiting' THEN %(now)s ELSE wake_at END"
-            " WHERE run_id = %(run_id)s"
-            f" RETURNING CASE WHEN status = 'waiting' THEN {self._notify_now} END",
-            {
-                "run_id": run_id,
-                "seq": seq,
-                **dict(zip(MESSAGE_COLUMNS, message_values(message), strict=True)),
-                "now": now,
-            },
-        )
-        return Delivery(status, seq)
-
     async def deliver(self, run_id: str, message: InboxMessage, *, now: float) -> Delivery | None:
         async def op(conn: Connection, attempt: int) -> Delivery | None:
             async with conn.transaction():
-                return await self._deliver_in(conn, run_id, message, now, uncertain=attempt > 0)
+                return await deliver_in(
+                    conn, self._sql, self._notify_now, run_id, message, now, uncertain=attempt > 0
+                )
 
         return await self._op("deliver", op)
 
