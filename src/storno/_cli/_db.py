@@ -14,7 +14,9 @@ from datetime import UTC, datetime
 import click
 
 from storno._cli._common import url_option
-from storno._store._migrations import SchemaStatus, status, upgrade
+from storno._store._factory import schema_status as status
+from storno._store._factory import upgrade
+from storno._store._migrations import SchemaStatus
 
 __all__ = ["db"]
 

@@ -6,14 +6,13 @@ records the versions it has in ``storno_schema``. Stores apply what is missing w
 at once migrate once. ``schema/<backend>.sql`` is the whole current definition in one file;
 a test checks that migrating an empty database gives exactly that.
 
-``storno db upgrade`` and ``storno db status`` use :func:`upgrade` and :func:`status`.
+``storno db upgrade`` and ``storno db status`` use ``upgrade`` and ``schema_status`` of
+:mod:`storno._store._factory`, which picks the backend; this module knows none.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
-import sqlite3
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -28,10 +27,8 @@ __all__ = [
     "backend_of",
     "current_schema",
     "redact",
-    "status",
     "status_of",
     "too_new",
-    "upgrade",
 ]
 
 Backend = Literal["sqlite", "postgres"]
@@ -145,86 +142,3 @@ def redact(url: str) -> str:
         if at and ":" in userinfo:
             url = f"{scheme}://{userinfo.split(':', 1)[0]}:***@{after}{rest[query:]}"
     return _SECRET_OPTION.sub(lambda m: f"{m.group(1)}***" if m.group(2) else m.group(0), url)
-
-
-# --- SQLite -----------------------------------------------------------------------------
-
-
-def _sqlite_status(url: str) -> SchemaStatus:
-    from storno._store._sqlite_connection import parse_sqlite_url, sqlite_error
-
-    path, _ = parse_sqlite_url(url)
-    if not path.exists():
-        return status_of("sqlite", url, [])
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            # A damaged file can still hold a readable version table: check the file first.
-            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
-            if problems != ["ok"]:
-                found = sqlite3.DatabaseError("; ".join(p.replace("\n", "; ") for p in problems))
-                raise sqlite_error(found, path, "read", code=sqlite3.SQLITE_CORRUPT)
-            has_table = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'storno_schema'"
-            ).fetchone()
-            rows = (
-                conn.execute("SELECT version, applied_at FROM storno_schema ORDER BY version")
-                if has_table
-                else []
-            )
-            # SQLite records julian days; report Unix seconds like PostgreSQL.
-            applied = [
-                (int(v), (float(at) - 2440587.5) * 86400.0 if at is not None else None)
-                for v, at in rows
-            ]
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise sqlite_error(exc, path, "read") from exc
-    return status_of("sqlite", url, applied)
-
-
-def _sqlite_upgrade(url: str) -> None:
-    from storno._store._sqlite_connection import (
-        migrate,
-        need_folder,
-        parse_sqlite_url,
-        sqlite_error,
-    )
-
-    path, _ = parse_sqlite_url(url)
-    need_folder(path)
-    try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-        try:
-            migrate(conn)
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise sqlite_error(exc, path, "migration") from exc
-
-
-# --- both -------------------------------------------------------------------------------
-
-
-async def status(url: str) -> SchemaStatus:
-    """The schema version of the database at ``url``; changes nothing."""
-    if backend_of(url) == "postgres":
-        from storno._store._postgres import PostgresStore
-
-        return await PostgresStore(url).schema_status()
-    return await asyncio.to_thread(_sqlite_status, url)
-
-
-async def upgrade(url: str) -> tuple[SchemaStatus, SchemaStatus]:
-    """Apply the missing migrations; return the status before and after."""
-    before = await status(url)
-    if before.too_new:
-        raise too_new(before.current, before.latest)
-    if backend_of(url) == "postgres":
-        from storno._store._postgres import PostgresStore
-
-        await PostgresStore(url).migrate()
-    else:
-        await asyncio.to_thread(_sqlite_upgrade, url)
-    return before, await status(url)

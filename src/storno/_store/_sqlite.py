@@ -27,7 +27,7 @@ from storno._store._base import (
     lease_lost,
 )
 from storno._store._claims import Batch, ClaimPlan, ClaimRequest
-from storno._store._migrations import SchemaStatus, status
+from storno._store._migrations import SchemaStatus
 from storno._store._rows import (
     event_from_row,
     event_values,
@@ -44,6 +44,7 @@ from storno._store._sqlite_connection import (
     migrate,
     need_folder,
     parse_sqlite_url,
+    read_status,
     sqlite_error,
 )
 from storno._store._sqlite_sql import COUNT_EXECUTING, claim_sql, update_statement
@@ -188,7 +189,7 @@ class SQLiteStore(Store):
         return self.path.exists()
 
     async def schema_status(self) -> SchemaStatus:
-        return await status(self.url)
+        return await asyncio.to_thread(read_status, self.url)
 
     @property
     def write_counts(self) -> tuple[int, int]:

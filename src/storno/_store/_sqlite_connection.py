@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from storno._errors import ConfigurationError, LeaseLostError, StoreError
-from storno._store._migrations import available, redact, too_new
+from storno._store._migrations import SchemaStatus, available, redact, status_of, too_new
 
 __all__ = [
     "Op",
@@ -346,3 +346,50 @@ def _settle(items: list[tuple[asyncio.Future[Any], Outcome]]) -> None:
             future.set_result(value)
         else:
             future.set_exception(value)
+
+
+def read_status(url: str) -> SchemaStatus:
+    """The schema version of the SQLite file at ``url``, read-only; a damaged file raises."""
+    path, _ = parse_sqlite_url(url)
+    if not path.exists():
+        return status_of("sqlite", url, [])
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            # A damaged file can still hold a readable version table: check the file first.
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                found = sqlite3.DatabaseError("; ".join(p.replace("\n", "; ") for p in problems))
+                raise sqlite_error(found, path, "read", code=sqlite3.SQLITE_CORRUPT)
+            has_table = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'storno_schema'"
+            ).fetchone()
+            rows = (
+                conn.execute("SELECT version, applied_at FROM storno_schema ORDER BY version")
+                if has_table
+                else []
+            )
+            # SQLite records julian days; report Unix seconds like PostgreSQL.
+            applied = [
+                (int(v), (float(at) - 2440587.5) * 86400.0 if at is not None else None)
+                for v, at in rows
+            ]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise sqlite_error(exc, path, "read") from exc
+    return status_of("sqlite", url, applied)
+
+
+def upgrade_file(url: str) -> None:
+    """Apply the migrations the SQLite file at ``url`` lacks (creating it if need be)."""
+    path, _ = parse_sqlite_url(url)
+    need_folder(path)
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        try:
+            migrate(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise sqlite_error(exc, path, "migration") from exc
