@@ -360,8 +360,8 @@ class FaultInjector:
         details = dict(original)
         call = self._call_of(point, details)
         for rule in list(self.rules):
-            if rule._applies(point, details, call) and rule._take(details.get("run_id"), call):
-                error = rule._make_error(details)
+            if rule.applies(point, details, call) and rule.take(details.get("run_id"), call):
+                error = rule.make_error(details)
                 self.injections.append(
                     Injection(
                         rule,

@@ -117,7 +117,8 @@ class FaultRule:
     def __repr__(self) -> str:
         return f"<FaultRule {self.description} at {self.point}, fired {self.fired}>"
 
-    def _applies(self, point: str, details: dict[str, Any], call: int | None) -> bool:
+    def applies(self, point: str, details: dict[str, Any], call: int | None) -> bool:
+        """Whether the rule is about this point, step, run and call."""
         if point != self.point:
             return False
         if self.step is not None and details.get("step") != self.step:
@@ -128,7 +129,7 @@ class FaultRule:
             return False
         return all(details.get(k) == v for k, v in self.match.items())
 
-    def _take(self, run_id: str | None, call: int | None) -> bool:
+    def take(self, run_id: str | None, call: int | None) -> bool:
         """Count a visit; True if this one gets the fault."""
         slot = (run_id, call)
         visits = self._visits[slot] = self._visits.get(slot, 0) + 1
@@ -140,6 +141,10 @@ class FaultRule:
         self._fired_at[slot] = fired + 1
         self.fired += 1
         return True
+
+    def make_error(self, details: dict[str, Any]) -> BaseException:
+        """The error to raise at a point where the rule fires."""
+        return self._make_error(details)
 
 
 def error_maker(
