@@ -1,8 +1,8 @@
-"""Declaring steps and sagas: the ``@step`` and ``@saga`` decorators and what they make.
+"""Declaring steps: the ``@step`` decorator, the :class:`Step` it makes, and what steps see.
 
-A step is declared once, with its kind, compensation, read-back and retry policy, and reused by
-many sagas; a call site may override these with :meth:`Step.options`. A saga is a function
-whose body calls steps through its context.
+A step is declared once, with its kind, compensation, read-back, retry policy and time limits,
+and reused by many sagas; a call site may override these with :meth:`Step.options`. Sagas are
+declared in :mod:`storno._saga`.
 """
 
 from __future__ import annotations

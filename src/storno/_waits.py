@@ -1,11 +1,12 @@
-"""Durable waits, the inbox, cancellation, fan-out and child runs: the engine's long-running half.
+"""Durable waits, fan-out and child runs: the engine's long-running half.
 
 A run that must wait (a timer, a signal that has not come, a child that has not ended) raises
 :class:`Suspend` through its body. The engine then records that the run is ``waiting``, with
 the time it must wake at if any, and releases its lease: a waiting run holds no worker, task
 or memory anywhere. Messages from outside (signals, cancel requests, a child's outcome) go into
-the run's inbox, which wakes it; on wake-up the body replays from the top and consumes them at
-the positions where it asks for them, and the history records which message each took.
+the run's inbox (:mod:`storno._inbox`), which wakes it; on wake-up the body replays from the
+top and consumes them at the positions where it asks for them, and the history records which
+message each took.
 """
 
 from __future__ import annotations
