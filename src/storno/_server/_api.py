@@ -48,7 +48,8 @@ from storno._server._models import (
     check_identifier,
 )
 from storno._server._state import ServerState
-from storno._server._stats import filtered_runs, find_stuck, stuck_reason, threshold_for
+from storno._server._stats import filtered_runs
+from storno._stuck import find_stuck, stuck_reason, threshold_for
 from storno._views import RunInfo
 
 __all__ = ["actor", "router", "run_detail", "summary", "webhook_router"]

@@ -30,8 +30,8 @@ from storno._server._auth import Principal, Role
 from storno._server._errors import ApiError, from_storno
 from storno._server._guards import run_id_of
 from storno._server._models import check_identifier, check_text
-from storno._server._stats import find_stuck, stuck_reason, threshold_for
 from storno._server._wording import event_text, superseded_text
+from storno._stuck import find_stuck, stuck_reason, threshold_for
 from storno._timeline import build_timeline
 
 __all__ = ["COOKIE", "install_dashboard"]

@@ -19,7 +19,8 @@ from storno._server._guards import EncodedSlashes, LoopbackHosts
 from storno._server._logging import AccessLog, EventLog
 from storno._server._metrics import Metrics
 from storno._server._state import ServerState
-from storno._server._stats import DEFAULT_STUCK_AFTER, StatsCache
+from storno._server._stats import StatsCache
+from storno._stuck import DEFAULT_STUCK_AFTER
 
 __all__ = ["create_app"]
 
