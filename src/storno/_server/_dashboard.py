@@ -24,8 +24,8 @@ from starlette.staticfiles import StaticFiles
 
 from storno import __version__
 from storno._errors import StornoError
-from storno._model import MessageKind, RunStatus
-from storno._server._api import actor, state_of
+from storno._model import ENDED_STATUSES, UNDOING_STATUSES, MessageKind, RunStatus
+from storno._server._api_common import actor, state_of
 from storno._server._auth import Principal, Role
 from storno._server._errors import ApiError, from_storno
 from storno._server._guards import run_id_of
@@ -406,8 +406,8 @@ def install_dashboard(api: FastAPI) -> Any:
             ],
             stuck_reason=reason,
             messages=messages,
-            ended=info.status.value
-            in ("completed", "compensated", "compensation_failed", "needs_attention", "cancelled"),
+            ended=info.status in ENDED_STATUSES,
+            undoing=info.status in UNDOING_STATUSES,
             unknown_steps=[
                 s.name for s in info.steps if s.outcome_unknown and s.kind != "compensable"
             ],

@@ -12,7 +12,8 @@ from starlette.responses import RedirectResponse, Response
 
 from storno import __version__
 from storno._app import Storno
-from storno._server._api import authenticate, router, webhook_router
+from storno._server._api import router, webhook_router
+from storno._server._api_common import authenticate
 from storno._server._auth import Role, TokenStore
 from storno._server._errors import BodyLimit, install_handlers
 from storno._server._guards import EncodedSlashes, LoopbackHosts
