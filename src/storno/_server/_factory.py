@@ -54,7 +54,7 @@ def create_app(
     """The server for a storno application.
 
     ``tokens`` decides who may do what (:class:`TokenStore`). ``worker`` also executes runs
-    in this process. ``tracing`` is a :class:`storno._server.Tracing` (or any listener) to
+    in this process. ``tracing`` is a :class:`storno.server.Tracing` (or any listener) to
     add. The application is opened when the server starts and closed when it stops.
     """
     if tokens.empty and not tokens.open:
