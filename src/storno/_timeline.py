@@ -174,7 +174,7 @@ class Timeline:
         return [item for item in self.forward if item.step is not None]
 
 
-_STEP_NOTES = {
+_STEP_NOTES: dict[str, NoteKind] = {
     "step_started": "started",
     "child_started": "started",
     "outcome_unknown": "unknown",
@@ -195,7 +195,7 @@ def _note(e: HistoryEvent) -> Note | None:
     """What a step or compensation event says about its attempt, or ``None``."""
     d = e.data
     number = int(d.get("attempt", 1))
-    kind: Any = _STEP_NOTES.get(e.type)
+    kind: NoteKind | None = _STEP_NOTES.get(e.type)
     if e.type == "attempt_failed":
         if d.get("lost", d.get("outcome_unknown")):
             kind = "lost"
