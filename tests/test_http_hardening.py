@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from storno._serde import MAX_DEPTH
-from storno._server import TokenStore
+from storno._server._auth import TokenStore
 from storno._server._dashboard import COOKIE
 from test_cli import cli
 from test_dashboard import csrf_of, signed_in

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from storno._server import JsonFormatter, Tracing
 from storno._server._tracing import span_id, trace_id
+from storno.server import JsonFormatter, Tracing
 from test_server_support import (
     READ_TOKEN,
     REFUND_API,

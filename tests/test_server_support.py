@@ -25,8 +25,8 @@ pytest.importorskip("fastapi", reason="the server tests need the storno[server] 
 import httpx
 import uvicorn
 
-from storno._server import TokenStore, create_app, trace_headers
-from storno._server._auth import Role
+from storno._server._auth import Principal, Role, TokenStore
+from storno.server import create_app, trace_headers
 
 OPERATOR_TOKEN = "op-token-0123456789abcdef"
 READ_TOKEN = "read-token-0123456789abcdef"
@@ -274,7 +274,7 @@ def test_tokens_from_env_and_file(tmp_path: Path):
     store = TokenStore.from_sources(
         env={"STORNO_WEBHOOK_TOKENS": f"psp:{WEBHOOK_TOKEN}"}, files=[path]
     )
-    assert store.check(OPERATOR_TOKEN) == storno._server.Principal("alice", Role.OPERATE)
+    assert store.check(OPERATOR_TOKEN) == Principal("alice", Role.OPERATE)
     assert store.check(READ_TOKEN).role is Role.READ  # type: ignore[union-attr]
     assert store.check(WEBHOOK_TOKEN).name == "psp"  # type: ignore[union-attr]
     assert store.check("nope-nope-nope-nope") is None
@@ -311,7 +311,7 @@ def test_durations():
 
 
 def test_loopback_rule():
-    from storno._server import is_loopback
+    from storno._server._auth import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
@@ -319,7 +319,7 @@ def test_loopback_rule():
 
 
 def test_stuck_rule():
-    from storno._server import stuck_reason
+    from storno._stuck import stuck_reason
     from storno._views import RunInfo
 
     def run(status: str, updated: float, wake: float | None = None) -> RunInfo:

@@ -11,7 +11,7 @@ from typing import Any
 
 from storno._model import LEGACY_APPROVAL_SIGNAL, Event, EventType, StepKind
 
-__all__ = ["CompensationState", "Fold", "StepState", "WaitState", "fold"]
+__all__ = ["CompensationState", "Fold", "StepState", "WaitState", "fold", "is_approval_wait"]
 
 
 @dataclass(slots=True)
@@ -237,8 +237,7 @@ def _fold_wait(out: Fold, event: Event) -> None:
         out.waits[p] = WaitState(p, "sleep", "", d["until"], started_at=event.at)
         return
     if t is EventType.SIGNAL_WAIT_STARTED:
-        approval = bool(d.get("approval")) or d["name"] == LEGACY_APPROVAL_SIGNAL
-        kind = "approval" if approval else "signal"
+        kind = "approval" if is_approval_wait(d) else "signal"
         out.waits[p] = WaitState(p, kind, d["name"], d.get("until"), started_at=event.at)
         return
     wait = out.waits.get(p)
@@ -249,6 +248,11 @@ def _fold_wait(out: Fold, event: Event) -> None:
         wait.status = "timed_out"
     else:
         wait.status, wait.payload, wait.meta = "done", event.payload, d
+
+
+def is_approval_wait(data: dict[str, Any]) -> bool:
+    """Whether a wait event is ``ctx.wait_for_approval()``'s (older histories named it)."""
+    return bool(data.get("approval")) or data.get("name") == LEGACY_APPROVAL_SIGNAL
 
 
 def _operator_action(out: Fold, d: dict[str, Any]) -> None:

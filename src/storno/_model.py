@@ -26,6 +26,7 @@ __all__ = [
     "NEEDS_A_PERSON_STATUSES",
     "RESERVED_PREFIX",
     "TERMINAL_STATUSES",
+    "UNDOING_STATUSES",
     "Event",
     "EventType",
     "InboxMessage",
@@ -101,6 +102,10 @@ COMPENSATION_STATUSES = frozenset(
 )
 """States a run reaches by compensating after its forward path failed (a cancelled run
 compensates too, but ends as cancelled)."""
+
+UNDOING_STATUSES = COMPENSATION_STATUSES | {RunStatus.CANCELLED}
+"""States of a run that is undoing or has undone its steps, after a failure or a cancel: where
+the dashboard says "none" when no compensable step had taken effect."""
 
 
 class EventType(enum.StrEnum):

@@ -14,6 +14,7 @@ import click
 from storno._cli._common import app_for, db_option, duration, echo_json, opened, summary, ts
 from storno._cli._timeline import render_run
 from storno._model import RunStatus
+from storno._stuck import find_stuck
 from storno._views import RunInfo
 
 __all__ = ["COMMANDS"]
@@ -126,8 +127,6 @@ def stuck(
 ) -> None:
     """List runs that have not ended and made no progress for longer than their threshold.
     A waiting or scheduled run whose wake time is still ahead is not stuck."""
-    from storno._server._stats import find_stuck
-
     given = None if app_ref is None else app_for(app_ref, url)
 
     async def fetch() -> list[Any]:

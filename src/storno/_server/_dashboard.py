@@ -24,14 +24,15 @@ from starlette.staticfiles import StaticFiles
 
 from storno import __version__
 from storno._errors import StornoError
-from storno._model import MessageKind, RunStatus
-from storno._server._api import actor, state_of
+from storno._model import ENDED_STATUSES, UNDOING_STATUSES, MessageKind, RunStatus
+from storno._server._api_common import actor, state_of
 from storno._server._auth import Principal, Role
 from storno._server._errors import ApiError, from_storno
 from storno._server._guards import run_id_of
 from storno._server._models import check_identifier, check_text
-from storno._server._stats import find_stuck, stuck_reason, threshold_for
-from storno._server._timeline import build_timeline
+from storno._server._wording import event_text, superseded_text
+from storno._stuck import find_stuck, stuck_reason, threshold_for
+from storno._timeline import build_timeline
 
 __all__ = ["COOKIE", "install_dashboard"]
 
@@ -101,7 +102,13 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        ts=_ts, iso=_iso, duration=_duration, json=_json, short=_short, error_text=_error_text
+        ts=_ts,
+        iso=_iso,
+        duration=_duration,
+        json=_json,
+        short=_short,
+        error_text=_error_text,
+        superseded=superseded_text,
     )
     env.globals["version"] = __version__
     env.globals["statuses"] = [s.value for s in RunStatus]
@@ -368,6 +375,7 @@ def install_dashboard(api: FastAPI) -> Any:
         except ValueError as exc:
             raise ApiError(422, "invalid_run_id", str(exc)) from None
         info = await server.app.describe(run_id)
+        timeline = build_timeline(info)
         now = time.time()
         reason = stuck_reason(info, now, threshold_for(server.app, info.saga, server.stuck_after))
         inbox = await server.app.store.inbox(run_id)
@@ -392,11 +400,14 @@ def install_dashboard(api: FastAPI) -> Any:
             "run.html",
             auth=auth,
             run=info,
-            timeline=build_timeline(info),
+            timeline=timeline,
+            run_events=[
+                (e.at, e.kind, text) for e in timeline.events if (text := event_text(e)) is not None
+            ],
             stuck_reason=reason,
             messages=messages,
-            ended=info.status.value
-            in ("completed", "compensated", "compensation_failed", "needs_attention", "cancelled"),
+            ended=info.status in ENDED_STATUSES,
+            undoing=info.status in UNDOING_STATUSES,
             unknown_steps=[
                 s.name for s in info.steps if s.outcome_unknown and s.kind != "compensable"
             ],

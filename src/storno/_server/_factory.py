@@ -12,14 +12,16 @@ from starlette.responses import RedirectResponse, Response
 
 from storno import __version__
 from storno._app import Storno
-from storno._server._api import authenticate, router, webhook_router
+from storno._server._api import router, webhook_router
+from storno._server._api_common import authenticate
 from storno._server._auth import Role, TokenStore
 from storno._server._errors import BodyLimit, install_handlers
 from storno._server._guards import EncodedSlashes, LoopbackHosts
 from storno._server._logging import AccessLog, EventLog
 from storno._server._metrics import Metrics
 from storno._server._state import ServerState
-from storno._server._stats import DEFAULT_STUCK_AFTER, StatsCache
+from storno._server._stats import StatsCache
+from storno._stuck import DEFAULT_STUCK_AFTER
 
 __all__ = ["create_app"]
 
@@ -52,7 +54,7 @@ def create_app(
     """The server for a storno application.
 
     ``tokens`` decides who may do what (:class:`TokenStore`). ``worker`` also executes runs
-    in this process. ``tracing`` is a :class:`storno._server.Tracing` (or any listener) to
+    in this process. ``tracing`` is a :class:`storno.server.Tracing` (or any listener) to
     add. The application is opened when the server starts and closed when it stops.
     """
     if tokens.empty and not tokens.open:

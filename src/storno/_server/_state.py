@@ -8,7 +8,8 @@ from typing import Any
 from storno._app import Storno
 from storno._server._auth import Sessions, TokenStore
 from storno._server._metrics import Metrics
-from storno._server._stats import DEFAULT_STUCK_AFTER, StatsCache
+from storno._server._stats import StatsCache
+from storno._stuck import DEFAULT_STUCK_AFTER
 
 __all__ = ["ServerState"]
 
