@@ -180,3 +180,19 @@ async def test_starting_with_options_keeps_the_declared_saga_registered(db_url: 
         again = await app.start(app.find_saga("hello"))
         assert again.run_id != "fixed-id"
         assert app.find_saga("hello") is hello
+
+
+def test_validate_plan_takes_the_list_an_agent_sends_and_a_mapping_of_steps():
+    @storno.step(kind="compensable", compensate=lambda ctx, n: None)
+    def hold(ctx: storno.StepContext, n: int) -> int:
+        return n
+
+    @storno.step(kind="noncompensable")
+    def notify(ctx: storno.StepContext, text: str) -> None:
+        pass
+
+    calls = [{"step": "hold", "args": [1]}, {"step": "notify", "kwargs": {"text": "hi"}}]
+    assert storno.validate_plan(calls, {"hold": hold, "notify": notify}) == [hold, notify]
+    assert storno.validate_plan(calls, [hold, notify]) == [hold, notify]
+    with pytest.raises(storno.PlanError, match="'hold' is compensable but stands after"):
+        storno.validate_plan(list(reversed(calls)), [hold, notify])

@@ -8,7 +8,7 @@ valid plan runs on the same engine as a code-first saga, as the built-in saga ``
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,10 +83,25 @@ def parse_plan(data: Plan | Mapping[str, Any] | Sequence[Any] | str) -> Plan:
     return Plan(steps)
 
 
+StepLookup = (
+    Callable[[str], Step[..., Any] | None] | Mapping[str, Step[..., Any]] | Iterable[Step[..., Any]]
+)
+"""Where a plan's step names are looked up: a function, a mapping, or the steps themselves."""
+
+
 def validate_plan(
-    plan: Plan, lookup: Callable[[str], Step[..., Any] | None]
+    plan: Plan | Mapping[str, Any] | Sequence[Any] | str, lookup: StepLookup
 ) -> list[Step[..., Any]]:
-    """The plan's steps, or a :class:`PlanError` that lists every problem found."""
+    """The plan's steps, or a :class:`PlanError` that lists every problem found.
+
+    ``plan`` may be a :class:`Plan`, its JSON (text or parsed), or the plain list of calls an
+    agent sends; ``lookup`` a function from a name to a step, a mapping, or the steps."""
+    plan = parse_plan(plan)
+    if isinstance(lookup, Mapping):
+        lookup = lookup.get
+    elif not callable(lookup):
+        by_name = {step.name: step for step in lookup}
+        lookup = by_name.get
     problems: list[str] = []
     found: list[tuple[int, str, Step[..., Any]]] = []
     for number, call in enumerate(plan.steps, 1):
