@@ -571,3 +571,193 @@ async def test_a_compensation_can_ask_to_be_retried_later(db_url: str):
     assert len(times) == 2 and times[1] - times[0] >= 0.2
     failed = [e for e in info.history if e.type == "compensation_attempt_failed"]
     assert failed[0].data["retry_after"] == pytest.approx(0.2)
+
+
+# --- found in review: each failed before its fix -------------------------------------------
+
+
+async def test_a_client_read_timeout_is_a_lost_answer(db_url: str, provider: Provider):
+    httpx = pytest.importorskip("httpx")
+
+    @storno.step(kind="compensable", retry=storno.RetryPolicy(maximum_attempts=1))
+    def charge(ctx: storno.StepContext, amount: int) -> str:
+        provider.charges[ctx.idempotency_key] = amount  # the write lands ...
+        raise httpx.ReadTimeout("timed out reading the response")  # ... the answer does not
+
+    @charge.compensation
+    def refund(ctx: storno.CompensationContext[str], amount: int) -> None:
+        provider.refund(ctx.idempotency_key, ctx.forward_key)
+
+    @storno.saga
+    async def pay(ctx: storno.SagaContext, amount: int) -> str:
+        return await ctx.step(charge, amount)
+
+    async with storno.Storno(db_url, sagas=[pay]) as app, app.worker():
+        with pytest.raises(storno.RunCompensatedError):
+            await app.run(pay, 100)
+    assert provider.balance() == 0, "the charge whose answer timed out was never refunded"
+
+
+async def test_every_timed_out_thread_is_waited_for_not_only_the_last(
+    db_url: str, provider: Provider
+):
+    first_lands, second_ends = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def find(ctx: storno.StepContext, amount: int) -> object:
+        return provider.find_charge(ctx.idempotency_key)
+
+    @storno.step(
+        kind="compensable",
+        retry=storno.RetryPolicy(initial_interval=0.001, maximum_attempts=3, jitter=0),
+        verify=find,
+        attempt_timeout=0.05,
+        thread_grace=0.05,
+    )
+    def charge(ctx: storno.StepContext, amount: int) -> str:
+        calls.append(ctx.attempt)
+        if len(calls) == 1:
+            first_lands.wait(10)
+            provider.charges[ctx.idempotency_key] = amount
+            return "late"
+        if len(calls) == 2:
+            second_ends.wait(10)
+            raise ServerError("502")
+        second_ends.set()
+        raise ServerError("500")
+
+    @charge.compensation
+    def refund(ctx: storno.CompensationContext[str], amount: int) -> None:
+        provider.refund(ctx.idempotency_key, ctx.forward_key)
+
+    @storno.saga
+    async def pay(ctx: storno.SagaContext, amount: int) -> str:
+        return await ctx.step(charge, amount)
+
+    try:
+        async with storno.Storno(db_url, sagas=[pay]) as app, app.worker():
+            handle = await app.start(pay, 100)
+            with pytest.raises(storno.RunCompensatedError):
+                await handle.result(timeout=20)
+            info = await handle.describe()
+    finally:
+        first_lands.set()
+    # The first call was still in flight: its read-back's "not applied" was not believed.
+    assert not any(e.type == "verified" and not e.data["applied"] for e in info.history)
+    assert info.steps[0].compensation is not None
+    assert info.steps[0].compensation.status == "completed"
+
+
+async def test_a_read_back_that_started_while_the_call_ran_is_not_believed(
+    db_url: str, provider: Provider
+):
+    verifying = threading.Event()
+    calls: list[int] = []
+
+    def find(ctx: storno.StepContext, amount: int) -> object:
+        seen = ctx.idempotency_key in provider.charges
+        if ctx.attempt >= 2:
+            verifying.set()
+            time.sleep(0.2)  # the call lands while this answer is on its way
+        return "found" if seen else storno.NOT_APPLIED
+
+    @storno.step(
+        kind="compensable",
+        retry=storno.RetryPolicy(initial_interval=0.001, maximum_attempts=2, jitter=0),
+        verify=find,
+        attempt_timeout=0.05,
+        thread_grace=0.05,
+    )
+    def charge(ctx: storno.StepContext, amount: int) -> str:
+        calls.append(ctx.attempt)
+        if len(calls) == 1:
+            verifying.wait(10)
+            provider.charges[ctx.idempotency_key] = amount
+            return "late"
+        raise ServerError("500")
+
+    @charge.compensation
+    def refund(ctx: storno.CompensationContext[str], amount: int) -> None:
+        provider.refund(ctx.idempotency_key, ctx.forward_key)
+
+    @storno.saga
+    async def pay(ctx: storno.SagaContext, amount: int) -> str:
+        return await ctx.step(charge, amount)
+
+    async with storno.Storno(db_url, sagas=[pay]) as app, app.worker():
+        with pytest.raises(storno.RunCompensatedError):
+            await asyncio.wait_for(app.run(pay, 100), 20)
+    assert provider.balance() == 0, "the charge that landed during the read-back was kept"
+
+
+async def test_a_run_its_deadline_parked_is_retried_without_it(db_url: str):
+    state = {"down": True}
+
+    @storno.step(kind="pivot")
+    def capture(ctx: storno.StepContext) -> str:
+        return "captured"
+
+    @storno.step(
+        kind="retryable",
+        retry=storno.RetryPolicy(initial_interval=0.05, maximum_interval=0.05),
+    )
+    def notify(ctx: storno.StepContext) -> str:
+        if state["down"]:
+            raise ServerError("503")
+        return "sent"
+
+    @storno.saga
+    async def order(ctx: storno.SagaContext) -> str:
+        await ctx.step(capture)
+        return await ctx.step(notify)
+
+    async with storno.Storno(db_url, sagas=[order]) as app, app.worker():
+        handle = await app.start(order.options(timeout=0.3))
+        with pytest.raises(storno.NeedsAttentionError):
+            await handle.result(timeout=10)
+        state["down"] = False
+        await app.retry(handle.run_id, by="ops", note="the mail API is back")
+        assert await handle.result(timeout=10) == "sent"
+        info = await handle.describe()
+    action = next(e for e in info.history if e.type == "operator_action")
+    assert action.data["deadline_lifted"]
+
+
+async def test_the_park_names_the_unknown_step_after_a_completed_pivot(db_url: str):
+    calls: list[int] = []
+
+    @storno.step(kind="pivot")
+    def capture(ctx: storno.StepContext) -> str:
+        return "ok"
+
+    @storno.step(kind="noncompensable", retry=FAST)
+    def post(ctx: storno.StepContext) -> None:
+        calls.append(ctx.attempt)
+        if len(calls) == 1:
+            raise storno.OutcomeUnknownError("read timeout")
+        raise ServerError("500")
+
+    @storno.saga
+    async def s(ctx: storno.SagaContext) -> None:
+        await ctx.step(capture)
+        await ctx.step(post)
+
+    async with storno.Storno(db_url, sagas=[s]) as app, app.worker():
+        with pytest.raises(storno.NeedsAttentionError) as caught:
+            await app.run(s)
+    error = caught.value.error or {}
+    assert (error.get("step"), error.get("reason")) == ("post", "outcome_unknown")
+    assert str(caught.value).count("step 'post' (#1, noncompensable) may have taken effect") == 1
+    assert "storno compensate" not in str(caught.value)  # refused past a completed pivot
+
+
+async def test_an_operators_compensation_replaces_the_parks_error(db_url: str, provider: Provider):
+    saga, steps = invoice_saga(provider)
+    provider.script = ["", "500-lost", "500", "500", "500"]
+    async with storno.Storno(db_url, sagas=[saga], steps=steps) as app, app.worker():
+        run_id = await _parked_run(app, saga)
+        await app.compensate(run_id, by="ops", note="checked #billing", not_applied=["post_slack"])
+        with pytest.raises(storno.RunCompensatedError) as caught:
+            await app.get_handle(run_id).result(timeout=20)
+    assert "compensated by ops: checked #billing" in str(caught.value)
+    assert "will not compensate" not in str(caught.value)

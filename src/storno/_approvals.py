@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from storno._errors import RunNotFoundError, RunStateError
 from storno._history import fold
-from storno._model import EventType, MessageKind
+from storno._model import ENDED_STATUSES, EventType, MessageKind
 from storno._store import Store
-from storno._store._base import ENDED_STATUSES
 
 __all__ = ["check_decision_wanted"]
 

@@ -34,6 +34,8 @@ __all__ = [
     "Calls",
     "Failure",
     "LateOutcome",
+    "Slot",
+    "answer_lost",
     "classify",
     "retry_after_seconds",
     "run_attempts",
@@ -59,6 +61,19 @@ def retry_after_seconds(exc: BaseException, now: float) -> float | None:
     else:
         return None
     return max(seconds, 0.0) if math.isfinite(seconds) else None
+
+
+_LOST = (TimeoutError, OutcomeUnknownError, ConnectionResetError, ConnectionAbortedError)
+
+
+def answer_lost(exc: BaseException) -> bool:
+    """Whether the call may have landed although no answer came: a timeout of any client
+    (``httpx.ReadTimeout``, ``requests.Timeout`` and their kin are no ``TimeoutError``, so a
+    class named like one counts too), a connection reset mid-call, or
+    :class:`storno.OutcomeUnknownError`. In doubt the outcome is unknown, never "not applied"."""
+    if isinstance(exc, _LOST):
+        return True
+    return any("Timeout" in kind.__name__ for kind in type(exc).__mro__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +103,7 @@ def classify(
     wait = retry_after_seconds(exc, now)
     if wait is not None:
         info["retry_after"] = wait
-    lost = isinstance(exc, TimeoutError | OutcomeUnknownError)
+    lost = answer_lost(exc)
     not_applied = bool(not_applied_on) and isinstance(exc, not_applied_on) and not lost
     return Failure(info, retryable, lost, not_applied, wait, still_running and lost)
 
@@ -209,21 +224,37 @@ class LateOutcome(Generic[T]):
     error: BaseException | None = None
 
 
+Slot = tuple[str, int, str]
+"""Which call: a run, a position, and a role (``step``, ``verify``, ``compensation``)."""
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a late failure is read by settle(); never log it as unretrieved
+
+
 class Calls:
     """Makes a step's, read-back's or compensation's call, with its time limit.
 
-    Sync functions run in ``executor``; one still running after its time limit is kept by
-    ``(position, role)`` until it returns, so that nothing reads its position back while the
-    call may still land.
+    Sync functions run in ``executor``; each one still running after its time limit is kept by
+    its slot until it returns, for as long as the process lives (a run that suspends or is
+    retried here still sees it), so that nothing reads its position back while a call may still
+    land.
     """
 
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
-        self._running: dict[tuple[int, str], ThreadFuture[Any]] = {}
+        self._running: dict[Slot, list[ThreadFuture[Any]]] = {}
 
-    def still_running(self, position: int, role: str) -> bool:
-        future = self._running.get((position, role))
-        return future is not None and not future.done()
+    def still_running(self, slot: Slot) -> bool:
+        futures = self._running.get(slot)
+        if not futures:
+            return False
+        futures[:] = [f for f in futures if not f.done()]
+        if not futures:
+            del self._running[slot]
+            return False
+        return True
 
     async def call(
         self,
@@ -233,7 +264,7 @@ class Calls:
         kwargs: Any,
         timeout: float | None,
         *,
-        slot: tuple[int, str] | None = None,
+        slot: Slot | None = None,
     ) -> Any:
         """Call ``fn(context, *args, **kwargs)``; a sync call that times out stays in
         :meth:`still_running` for ``slot`` until its thread returns."""
@@ -248,31 +279,36 @@ class Calls:
             if not timeout:
                 result = await waiting
             else:
+                waiting.add_done_callback(_retrieve)
                 try:
                     result = await asyncio.wait_for(asyncio.shield(waiting), timeout)
                 except TimeoutError:
                     if slot is not None and not future.done():
-                        self._running[slot] = future
+                        self._running.setdefault(slot, []).append(future)
                     raise
         if inspect.isawaitable(result):
             result = await result
         return result
 
-    async def settle(self, position: int, role: str, grace: float) -> LateOutcome[Any] | None:
-        """Wait (up to ``grace`` seconds) for a call at this slot that outlived its time
-        limit; ``None`` if there was none."""
-        future = self._running.get((position, role))
-        if future is None:
+    async def settle(self, slot: Slot, grace: float) -> LateOutcome[Any] | None:
+        """Wait (up to ``grace`` seconds) for the calls at ``slot`` that outlived their time
+        limits; ``None`` if there were none. A call that returned wins (it landed); else one
+        still running leaves the outcome open; else the first failure is the answer."""
+        futures = list(self._running.get(slot, []))
+        if not futures:
             return None
-        try:
-            value = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), grace)
-        except TimeoutError:
+        waiting = [asyncio.wrap_future(f) for f in futures]
+        for each in waiting:
+            each.add_done_callback(_retrieve)
+        await asyncio.wait(waiting, timeout=grace)
+        self.still_running(slot)  # forget the ones that ended
+        ended = [w for w in waiting if w.done() and not w.cancelled()]
+        for each in ended:
+            if each.exception() is None:
+                return LateOutcome(True, value=each.result())
+        if len(ended) < len(waiting):
             return LateOutcome(False)
-        except Exception as exc:
-            del self._running[position, role]
-            return LateOutcome(True, error=exc)
-        del self._running[position, role]
-        return LateOutcome(True, value=value)
+        return LateOutcome(True, error=ended[0].exception())
 
 
 def failure_data(number: int, failure: Failure, unknown: bool) -> dict[str, Any]:

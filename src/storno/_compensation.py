@@ -97,7 +97,7 @@ async def _undo_step(
         result = decode(state.result or "null", what=f"recorded result of {state.name!r}")
     else:
         # A forward call still running in its thread may land yet: wait for it first.
-        late = await x.calls.settle(position, "step", step.thread_grace)
+        late = await x.calls.settle((x.record.run_id, position, "step"), step.thread_grace)
         found: Any = UNKNOWN
         if late is not None and late.finished and late.error is None:
             text = x.encode_value(late.value, f"result of step {state.name!r}")
@@ -160,12 +160,13 @@ class _CompensationAttempts:
         self.x, self.step, self.state, self.key = x, step, state, key
         self.args, self.kwargs, self.result, self.error = args, kwargs, result, error
         self.made = state.compensation.attempts if state.compensation else 0
+        self.slot = (x.record.run_id, state.position, "compensation")
 
     async def begin(self, number: int) -> None:
         x, state = self.x, self.state
         self.made = number
         # A compensation still running in its thread since it timed out may land yet.
-        await x.calls.settle(state.position, "compensation", self.step.thread_grace)
+        await x.calls.settle(self.slot, self.step.thread_grace)
         data = {"step": state.name, "key": self.key, "attempt": number}
         x.journal.append(EventType.COMPENSATION_STEP_STARTED, state.position, data)
         await x.journal.commit()
@@ -178,8 +179,7 @@ class _CompensationAttempts:
         compensate = self.step.compensate_fn
         assert compensate is not None  # check_runnable() guarantees it for compensable steps
         _faults.point("compensation.started", run_id=run_id, step=state.name, attempt=number)
-        slot = (state.position, "compensation")
-        await x.calls.call(compensate, context, self.args, self.kwargs, time_left, slot=slot)
+        await x.calls.call(compensate, context, self.args, self.kwargs, time_left, slot=self.slot)
         _faults.point("compensation.returned", run_id=run_id, step=state.name, attempt=number)
 
     def classify(self, exc: Exception) -> Failure:

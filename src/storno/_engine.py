@@ -58,6 +58,7 @@ class EngineHost(Protocol):
     lease_seconds: float
     body_executor: Executor
     step_executor: Executor
+    calls: Calls  # for the whole process: a call may outlive the execution that made it
 
     def find_saga(self, name: str) -> Saga[..., Any]: ...
 
@@ -95,7 +96,7 @@ class RunExecution:
         )
         self.journal = Journal(host, record, lease, history, self.inbox, birth)
         self.replay = Replay(recorded)
-        self.calls = Calls(host.step_executor)
+        self.calls = host.calls
         self.ended: RunRecord | None = None  # the run's final state, once it ended here
         if len(history) > 1 or record.epoch > 1:
             self.journal.append(
@@ -346,12 +347,33 @@ class RunExecution:
         """Compensate before the point of no return; after it (or where a step past it may
         have taken effect) park the run for a person, saying what they can do (rule 5)."""
         error = error_info(exc)
-        past = fold(self.journal.events).point_of_no_return()
+        history = fold(self.journal.events)
+        past = history.point_of_no_return()
         if past is None:
             await compensate(self, error)
             return
+        # Name the step a person must check: the first one past the point of no return whose
+        # outcome is unknown, else the point of no return itself.
+        pivot = past
+        past = next(
+            (
+                s
+                for s in sorted(history.steps.values(), key=lambda s: s.position)
+                if s.position >= pivot.position and s.status != "completed" and s.may_have_applied
+            ),
+            pivot,
+        )
         run_id, where = self.record.run_id, f"step {past.name!r} (#{past.position}, {past.kind})"
-        if past.status == "completed":
+        if past is not pivot:
+            error["reason"] = "outcome_unknown"
+            error["message"] = (
+                f"{where} may have taken effect: its outcome is unknown ({error['message']}). "
+                f"The run is past its point of no return (step {pivot.name!r} completed), so it "
+                f"only goes forward: check the other system, then `storno retry {run_id}` to "
+                f"try it again under the same key, or `storno resolve {run_id} --as completed "
+                f"--note ...` once it is done by hand"
+            )
+        elif past.status == "completed":
             error["reason"] = "failed_after_pivot"
             error["message"] = (
                 f"the forward path ended after the point of no return ({where}), so nothing "

@@ -16,6 +16,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from storno._attempts import Calls
 from storno._clock import Clock
 from storno._definitions import Step
 from storno._errors import StoreError
@@ -65,6 +66,7 @@ class RunHost:
         # steps, so they get a pool of their own: sharing one with sync steps could deadlock.
         self.body_executor: Executor = ThreadPoolExecutor(256, thread_name_prefix="storno-saga")
         self.step_executor: Executor = ThreadPoolExecutor(64, thread_name_prefix="storno-step")
+        self.calls = Calls(self.step_executor)
         self._workers: list[Worker] = []
         self._waiters: dict[str, list[asyncio.Future[RunRecord | None]]] = {}
         self._listeners: list[EventListener] = []

@@ -29,8 +29,15 @@ async def retry(store: Store, clock: Clock, run_id: str, *, by: str, note: str |
         if record.status is RunStatus.COMPENSATION_FAILED
         else RunStatus.RUNNING
     )
-    data = {"action": "retry", "by": by, "note": note, "from": record.status.value}
-    await _operate(store, clock, run_id, record.status, target, data, claimable=True)
+    data: dict[str, Any] = {"action": "retry", "by": by, "note": note, "from": record.status.value}
+    # A parked run its deadline ended would end again at once: a person deciding that it goes
+    # on lifts the deadline.
+    lift = record.deadline is not None and record.status is RunStatus.NEEDS_ATTENTION
+    if lift:
+        data["deadline_lifted"] = record.deadline
+    await _operate(
+        store, clock, run_id, record.status, target, data, claimable=True, lift_deadline=lift
+    )
 
 
 async def compensate(
@@ -83,8 +90,10 @@ async def compensate(
         "from": record.status.value,
         "not_applied": sorted(positions),
     }
+    # The park's error ("will not compensate as if ...") stops being true: say who decided.
+    why = {"type": "OperatorCompensate", "message": f"compensated by {by}: {note or 'no note'}"}
     await _operate(
-        store, clock, run_id, record.status, RunStatus.COMPENSATING, data, claimable=True
+        store, clock, run_id, record.status, RunStatus.COMPENSATING, data, claimable=True, error=why
     )
 
 
@@ -146,8 +155,10 @@ async def _operate(
     data: dict[str, Any],
     *,
     claimable: bool,
+    lift_deadline: bool = False,
+    error: dict[str, Any] | None = None,
 ) -> None:
-    cause = None
+    cause = error
     if current is RunStatus.COMPENSATION_FAILED:
         # The dead letter's error stops being true once an operator acts: the run shows
         # again why it compensated (the failure stays in its history).
@@ -164,6 +175,7 @@ async def _operate(
         now=clock.now(),
         claimable=claimable,
         error=cause if isinstance(cause, dict) else None,
+        lift_deadline=lift_deadline,
     )
     if changed is None:
         record = await store.get_run(run_id)

@@ -47,6 +47,7 @@ class ForwardAttempts:
         self.args, self.kwargs, self.args_text = args, kwargs, args_text
         self.state = state
         self.key = forward_key(x.record.run_id, position, step.name)
+        self.slot = (x.record.run_id, position, _ROLE)
         self.unknown = bool(state and (state.last_attempt_open or state.outcome_unknown))
 
     async def run(self) -> Any:
@@ -127,7 +128,7 @@ class ForwardAttempts:
         # An Exception raised here counts as the attempt's own failure (fault injection).
         _faults.point("step.started", run_id=run_id, step=step.name, attempt=number)
         result = await x.calls.call(
-            step.fn, context, self.args, self.kwargs, time_left, slot=(self.position, _ROLE)
+            step.fn, context, self.args, self.kwargs, time_left, slot=self.slot
         )
         # An Exception injected here stands for a call that landed and lost its answer.
         _faults.point("step.returned", run_id=run_id, step=step.name, attempt=number)
@@ -153,7 +154,7 @@ class ForwardAttempts:
             step.retry,
             step.not_applied_on,
             now=x.host.clock.now(),
-            still_running=x.calls.still_running(self.position, _ROLE),
+            still_running=x.calls.still_running(self.slot),
         )
 
     async def failed(self, number: int, failure: Failure) -> Any:
@@ -167,7 +168,7 @@ class ForwardAttempts:
             data = {"attempt": number, "reason": reason, "still_running": True}
             x.journal.append(EventType.OUTCOME_UNKNOWN, self.position, data)
             await x.journal.commit()
-            late = await x.calls.settle(self.position, _ROLE, step.thread_grace)
+            late = await x.calls.settle(self.slot, step.thread_grace)
             if late is not None and late.finished:
                 if late.error is None:
                     return self._completed(number, late.value, late=True)
@@ -191,7 +192,7 @@ class ForwardAttempts:
         return None
 
     def give_up(self, reason: str, last: Failure | None) -> BaseException:
-        if self.x.calls.still_running(self.position, _ROLE):
+        if self.x.calls.still_running(self.slot):
             reason += "; its last call is still running and may still land"
         return self._fail(reason, last.info if last else {}, self.unknown)
 
@@ -231,9 +232,18 @@ async def read_back(
         return UNKNOWN
     key = forward_key(x.record.run_id, position, step.name)
     context = StepContext(x.record.run_id, step.name, position, key, attempt, step.kind)
+    call_slot = (x.record.run_id, position, _ROLE)
+    # A call still in flight when the read-back starts may land while it runs: its "not
+    # applied" would then be stale.
+    was_running = x.calls.still_running(call_slot)
     try:
         found = await x.calls.call(
-            step.verify_fn, context, args, kwargs, step.verify_timeout, slot=(position, "verify")
+            step.verify_fn,
+            context,
+            args,
+            kwargs,
+            step.verify_timeout,
+            slot=(x.record.run_id, position, "verify"),
         )
     except Exception as exc:
         x.journal.append(
@@ -243,7 +253,7 @@ async def read_back(
         )
         return UNKNOWN
     if isinstance(found, NotApplied):
-        if x.calls.still_running(position, _ROLE):
+        if was_running or x.calls.still_running(call_slot):
             reason = "read-back found nothing, but the call is still running and may still land"
             x.journal.append(
                 EventType.OUTCOME_UNKNOWN, position, {"attempt": attempt, "reason": reason}

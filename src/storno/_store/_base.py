@@ -222,6 +222,7 @@ class Store(abc.ABC):
         now: float,
         claimable: bool,
         error: dict[str, Any] | None = None,
+        lift_deadline: bool = False,
     ) -> RunRecord | None:
         """An operator's change of a run that no worker holds (a dead letter retried or
         resolved, a completed child asked to compensate): append one event at the end of the
@@ -229,7 +230,8 @@ class Store(abc.ABC):
 
         Returns the updated run, or ``None`` if the run is not in one of ``expected`` or a
         worker holds a live lease on it. ``claimable`` makes it claimable by any worker now.
-        ``error`` replaces the run's error (``None`` keeps it).
+        ``error`` replaces the run's error (``None`` keeps it); ``lift_deadline`` removes the
+        run's deadline (an operator retried a run its deadline had ended).
         """
 
     @abc.abstractmethod

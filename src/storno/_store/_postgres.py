@@ -374,6 +374,7 @@ class PostgresStore(PostgresConnection, Store):
         now: float,
         claimable: bool,
         error: dict[str, Any] | None = None,
+        lift_deadline: bool = False,
     ) -> RunRecord | None:
         data_text = json.dumps(data)
 
@@ -382,7 +383,8 @@ class PostgresStore(PostgresConnection, Store):
             async with conn.transaction():
                 await cur.execute(
                     f"UPDATE {self._runs} SET status = %s, updated_at = %s, owner = NULL, "
-                    "lease_expires_at = %s, wake_at = NULL, error = COALESCE(%s, error) "
+                    "lease_expires_at = %s, wake_at = NULL, error = COALESCE(%s, error), "
+                    "deadline = CASE WHEN %s THEN NULL ELSE deadline END "
                     "WHERE run_id = %s AND status = ANY(%s::text[]) "
                     "AND (owner IS NULL OR lease_expires_at < %s) RETURNING *",
                     (
@@ -390,6 +392,7 @@ class PostgresStore(PostgresConnection, Store):
                         now,
                         EXPIRED if claimable else None,
                         None if error is None else json.dumps(error),
+                        lift_deadline,
                         run_id,
                         [s.value for s in expected],
                         now,

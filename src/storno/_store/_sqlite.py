@@ -349,6 +349,7 @@ class SQLiteStore(Store):
         now: float,
         claimable: bool,
         error: dict[str, Any] | None = None,
+        lift_deadline: bool = False,
     ) -> RunRecord | None:
         marks = ",".join("?" * len(expected))
         error_text = None if error is None else json.dumps(error)
@@ -356,7 +357,8 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> RunRecord | None:
             row = conn.execute(
                 "UPDATE storno_runs SET status = ?, updated_at = ?, owner = NULL, "
-                "lease_expires_at = ?, wake_at = NULL, error = COALESCE(?, error) "
+                "lease_expires_at = ?, wake_at = NULL, error = COALESCE(?, error), "
+                "deadline = CASE WHEN ? THEN NULL ELSE deadline END "
                 f"WHERE run_id = ? AND status IN ({marks}) "
                 "AND (owner IS NULL OR lease_expires_at < ?) RETURNING *",
                 (
@@ -364,6 +366,7 @@ class SQLiteStore(Store):
                     now,
                     EXPIRED if claimable else None,
                     error_text,
+                    lift_deadline,
                     run_id,
                     *expected,
                     now,
