@@ -355,25 +355,34 @@ class Storno:
         message = InboxMessage(MessageKind.SIGNAL, name, payload, id, {"sent_by": "api"})
         return await self._deliver(run_id, message)
 
-    async def approve(self, run_id: str, *, by: str, note: str | None = None) -> bool:
+    async def approve(
+        self, run_id: str, *, by: str, note: str | None = None, digest: str | None = None
+    ) -> bool:
         """Approve a run waiting in ``ctx.wait_for_approval()``; ``by`` names the operator.
 
         Refused with :class:`storno.RunStateError` if the run does not wait for a decision
-        (unless its saga declares ``early_approvals``) or one is already on its way.
+        (unless its saga declares ``early_approvals``) or one is already on its way. The
+        approval is bound to what the wait asks to approve (its subject's digest); ``digest``
+        makes sure it is what the operator was shown.
         """
-        return await self._decide(run_id, {"approved": True, "by": by, "note": note})
+        decision = {"approved": True, "by": by, "note": note}
+        return await self._decide(run_id, decision, digest)
 
     async def reject(self, run_id: str, *, by: str, reason: str) -> bool:
         """Reject a run waiting for approval; it compensates unless its code catches that."""
         return await self._decide(run_id, {"approved": False, "by": by, "note": reason})
 
-    async def _decide(self, run_id: str, decision: dict[str, Any]) -> bool:
+    async def _decide(
+        self, run_id: str, decision: dict[str, Any], digest: str | None = None
+    ) -> bool:
         """Send an operator's decision as an approval message, never as a signal."""
         what = "approval" if decision["approved"] else "rejection"
         if not decision["by"]:
             raise ConfigurationError(f"an {what} needs the name of who gives it (by=)")
         await self.open()
-        await check_decision_wanted(self.store, run_id, what)
+        asked = await check_decision_wanted(self.store, run_id, what, digest)
+        if asked is not None:
+            decision["digest"] = asked  # it applies to that request alone
         payload = encode(decision, what=what, limit=self.max_payload_bytes)
         meta = {"by": decision["by"]}
         return await self._deliver(

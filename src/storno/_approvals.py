@@ -16,8 +16,12 @@ from storno._store import Store
 __all__ = ["check_decision_wanted"]
 
 
-async def check_decision_wanted(store: Store, run_id: str, what: str) -> None:
-    """Raise why run ``run_id`` cannot take an ``what`` ("approval", "rejection") now."""
+async def check_decision_wanted(
+    store: Store, run_id: str, what: str, digest: str | None = None
+) -> str | None:
+    """Raise why run ``run_id`` cannot take an ``what`` ("approval", "rejection") now; else
+    return the digest of what the open wait asks to approve (``None``: it names nothing).
+    ``digest``, if given, must be that digest: the operator decides what they were shown."""
     record = await store.get_run(run_id)
     if record is None:
         raise RunNotFoundError(run_id)
@@ -27,7 +31,8 @@ async def check_decision_wanted(store: Store, run_id: str, what: str) -> None:
         )
     history = await store.history(run_id)
     recorded = fold(history)
-    open_wait = any(w.kind == "approval" and w.status == "waiting" for w in recorded.waits.values())
+    waits = [w for w in recorded.waits.values() if w.kind == "approval" and w.status == "waiting"]
+    open_wait = bool(waits)
     early = bool(history and history[0].data.get("early_approvals"))
     if not open_wait and not early:
         raise RunStateError(
@@ -47,3 +52,11 @@ async def check_decision_wanted(store: Store, run_id: str, what: str) -> None:
                 f"run {run_id} already has a decision on its way (given by "
                 f"{message.meta.get('by')}); the {what} was not stored"
             )
+    asked = waits[0].digest if waits else None
+    if digest is not None and digest != asked:
+        subject = waits[0].subject if waits else None
+        raise RunStateError(
+            f"run {run_id} asks to approve {subject!r} (digest {asked}), not what the {what} "
+            f"was given for (digest {digest}); look at the run again and decide on what it asks"
+        )
+    return asked

@@ -120,7 +120,11 @@ class SagaContext:
         return await self._x.wait_signal(name, limit, default is not _MISSING, default)
 
     async def wait_for_approval(
-        self, *, timeout: float | timedelta | None = None, early: bool | None = None
+        self,
+        *,
+        timeout: float | timedelta | None = None,
+        early: bool | None = None,
+        subject: Any = None,
     ) -> Approval:
         """Wait durably for an operator's decision (``storno approve`` / ``storno reject``,
         the API or the dashboard: never a signal or webhook).
@@ -128,10 +132,18 @@ class SagaContext:
         Returns who approved; a rejection raises :class:`storno.ApprovalRejectedError`, which
         compensates the run unless the body catches it. After ``timeout`` it raises
         :class:`storno.SignalTimeoutError`. A decision given before this wait began is not
-        taken unless ``early=True`` (default: the saga's ``early_approvals``).
+        taken unless ``early=True`` (default: the saga's ``early_approvals``). ``subject``
+        (JSON: what is to be approved, e.g. a tool and its arguments) is shown to the operator,
+        and the approval is bound to its digest: it decides this request and no other.
         """
         limit = None if timeout is None else _seconds(timeout, "timeout")
-        return _decide(await self._x.wait_approval(limit, early))
+        return _decide(await self._x.wait_approval(limit, early, subject))
+
+    async def record(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Call ``fn()`` (sync or async) once and record its JSON result durably before it is
+        returned; a replay returns the recorded value without calling again. For values that
+        are not deterministic and write nothing: a model's decision, a read."""
+        return await self._x.record_call(name, fn)
 
     def publish(self, name: str, value: Any) -> None:
         """Publish a small named value (e.g. ``phase``) that anyone can query while it runs."""
@@ -203,13 +215,21 @@ class SyncSagaContext:
         )
 
     def wait_for_approval(
-        self, *, timeout: float | timedelta | None = None, early: bool | None = None
+        self,
+        *,
+        timeout: float | timedelta | None = None,
+        early: bool | None = None,
+        subject: Any = None,
     ) -> Approval:
         """Wait durably for an operator's decision (see :meth:`SagaContext.wait_for_approval`)."""
         result: Approval = self._sync(
-            lambda: self._async.wait_for_approval(timeout=timeout, early=early)
+            lambda: self._async.wait_for_approval(timeout=timeout, early=early, subject=subject)
         )
         return result
+
+    def record(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Call ``fn()`` once and record its result (see :meth:`SagaContext.record`)."""
+        return self._sync(lambda: self._x.record_call(name, fn))
 
     def publish(self, name: str, value: Any) -> None:
         """Publish a small named value for queries."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
@@ -143,8 +144,10 @@ class RunExecution:
     ) -> Any:
         return await _waits.wait_signal(self, name, timeout, has_default, default)
 
-    async def wait_approval(self, timeout: float | None, early: bool | None) -> Any:
-        return await _waits.wait_approval(self, timeout, early)
+    async def wait_approval(
+        self, timeout: float | None, early: bool | None, subject: Any = None
+    ) -> Any:
+        return await _waits.wait_approval(self, timeout, early, subject)
 
     def publish(self, name: str, value: Any) -> None:
         text = self.encode_value(value, f"published value {name!r}")
@@ -159,6 +162,20 @@ class RunExecution:
         text = self.encode_value(value, f"ctx.{name}()")
         self.journal.append(EventType.VALUE_RECORDED, position, {"name": name}, text)
         return value
+
+    async def record_call(self, name: str, make: Callable[[], Any]) -> Any:
+        position = self.take_position(f"ctx.record({name!r})")
+        found, text = self.replay.value_at(position, name)
+        if found:
+            return decode(text or "null", what=f"recorded {name!r}")
+        await self.check_cancel()
+        value = make()
+        if inspect.isawaitable(value):
+            value = await value
+        text = self.encode_value(value, f"recorded {name!r}")
+        self.journal.append(EventType.VALUE_RECORDED, position, {"name": name}, text)
+        await self.journal.commit()  # durable before anything acts on it
+        return decode(text)
 
     async def call_step(self, step: Step[..., Any], args: Any, kwargs: Any) -> Any:
         position = self.take_position(f"step {step.name!r}")

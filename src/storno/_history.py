@@ -72,6 +72,8 @@ class WaitState:
     payload: str | None = None  # the received signal's payload
     meta: dict[str, Any] = field(default_factory=dict)
     started_at: float = 0.0
+    subject: Any = None  # what an approval wait asks to approve (a tool and its arguments)
+    digest: str | None = None  # the subject's digest: a decision applies to it alone
     ended_at: float | None = None
 
 
@@ -238,7 +240,15 @@ def _fold_wait(out: Fold, event: Event) -> None:
         return
     if t is EventType.SIGNAL_WAIT_STARTED:
         kind = "approval" if is_approval_wait(d) else "signal"
-        out.waits[p] = WaitState(p, kind, d["name"], d.get("until"), started_at=event.at)
+        out.waits[p] = WaitState(
+            p,
+            kind,
+            d["name"],
+            d.get("until"),
+            started_at=event.at,
+            subject=d.get("subject"),
+            digest=d.get("digest"),
+        )
         return
     wait = out.waits.get(p)
     if wait is None:

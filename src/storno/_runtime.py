@@ -52,11 +52,17 @@ class Runtime(Protocol):
     ) -> Any:
         """Wait durably for the next signal ``name``; its data."""
 
-    async def wait_approval(self, timeout: float | None, early: bool | None) -> Any:
-        """Wait durably for an operator's decision; its data."""
+    async def wait_approval(
+        self, timeout: float | None, early: bool | None, subject: Any = None
+    ) -> Any:
+        """Wait durably for an operator's decision (on ``subject``, if given); its data."""
 
     def publish(self, name: str, value: Any) -> None:
         """Publish a value for queries."""
 
     def record_value(self, name: str, make: Callable[[], Any]) -> Any:
         """``make()`` the first time, recorded; the recorded value on replay."""
+
+    async def record_call(self, name: str, make: Callable[[], Any]) -> Any:
+        """Call ``make()`` (sync, or returning an awaitable) once and make its result durable
+        before returning it; the recorded value on replay."""

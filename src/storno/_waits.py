@@ -12,6 +12,8 @@ message each took.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -44,6 +46,7 @@ __all__ = [
     "child_run_id",
     "gather",
     "sleep_until",
+    "subject_digest",
     "wait_approval",
     "wait_signal",
 ]
@@ -130,11 +133,21 @@ def early_approvals(x: RunExecution) -> bool:
     return bool(first is not None and first.data.get("early_approvals"))
 
 
-async def wait_approval(x: RunExecution, timeout: float | None, early: bool | None) -> Any:
+def subject_digest(subject: Any) -> str:
+    """The digest an approval is bound to: what it approves, as canonical JSON."""
+    text = json.dumps(subject, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+async def wait_approval(
+    x: RunExecution, timeout: float | None, early: bool | None, subject: Any = None
+) -> Any:
     """Wait for an operator's decision (an approval message, never a signal); return its data.
 
     Unless the wait (or, by default, its saga) takes early approvals, a decision given before
-    the wait began is not taken: it is journaled as ignored and the wait goes on waiting.
+    the wait began is not taken: it is journaled as ignored and the wait goes on waiting. A
+    wait with a ``subject`` (what is to be approved: a tool and its arguments) takes only a
+    decision given for that subject's digest.
     """
     what = "ctx.wait_for_approval()"
     position, wait, new = _wait_at(x, "approval", None, what)
@@ -152,6 +165,9 @@ async def wait_approval(x: RunExecution, timeout: float | None, early: bool | No
         wait.until = None if timeout is None else check_time(now + timeout, "the wait's timeout")
         data = {"name": APPROVAL_WAIT, "until": wait.until, "approval": True}
         data.update(early=early, after=x.inbox.seen)
+        if subject is not None:
+            wait.subject, wait.digest = subject, subject_digest(subject)
+            data.update(subject=subject, digest=wait.digest)
         x.journal.append(EventType.SIGNAL_WAIT_STARTED, position, data)
         if not early:
             for message in x.inbox.unconsumed(MessageKind.APPROVAL):
@@ -162,13 +178,22 @@ async def wait_approval(x: RunExecution, timeout: float | None, early: bool | No
     ignored = {e.data.get("ignored_seq") for e in events if e.type is EventType.APPROVAL_IGNORED}
     await x.inbox.refresh()
     for message in x.inbox.unconsumed(MessageKind.APPROVAL):
-        if message.seq not in ignored and (early or after is None or message.seq > after):
+        if message.seq in ignored or not (early or after is None or message.seq > after):
+            continue
+        given: Any = decode(message.payload or "null", what="approval")
+        bound = given.get("digest") if isinstance(given, dict) else None
+        if wait.digest is not None and bound != wait.digest:
+            # Given for another request (other arguments): it does not decide this one.
+            note = {"ignored_seq": message.seq, "by": message.meta.get("by"), "digest": True}
+            x.journal.append(EventType.APPROVAL_IGNORED, position, note)
             x.inbox.consume(message)
-            data = {**message.meta, "name": APPROVAL_WAIT, "inbox_seq": message.seq}
-            x.journal.append(
-                EventType.SIGNAL_RECEIVED, position, {**data, "approval": True}, message.payload
-            )
-            return decode(message.payload or "null", what="approval")
+            continue
+        x.inbox.consume(message)
+        data = {**message.meta, "name": APPROVAL_WAIT, "inbox_seq": message.seq}
+        x.journal.append(
+            EventType.SIGNAL_RECEIVED, position, {**data, "approval": True}, message.payload
+        )
+        return given
     if wait.until is not None and now >= wait.until:
         data = {"name": APPROVAL_WAIT, "approval": True}
         x.journal.append(EventType.SIGNAL_TIMED_OUT, position, data)
