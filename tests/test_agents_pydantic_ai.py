@@ -1,0 +1,446 @@
+"""The Pydantic AI adapter: an agent's model requests and registry tool calls run through storno.
+
+Every test drives a real ``pydantic_ai.Agent`` with Pydantic AI's own ``FunctionModel`` (no
+network, no instrumentation), inside a saga on a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("pydantic_ai", reason="the pydantic-ai extra is not installed")
+
+from pydantic_ai import Agent, DeferredToolRequests, DeferredToolResults, ToolApproved
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+)
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+import storno
+from storno import agents
+from storno._model import forward_key
+from storno.agents import pydantic_ai as storno_pai
+from storno.testing import FaultInjector, restart_worker
+
+Turn = Callable[[list[ModelMessage]], ModelResponse]
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'storno.db'}"
+
+
+def calls(*parts: tuple[str, dict[str, Any]], turn: int = 1) -> ModelResponse:
+    """A response asking for tool calls; call ids say which turn asked."""
+    return ModelResponse(
+        parts=[
+            ToolCallPart(name, args, tool_call_id=f"t{turn}-{i}")
+            for i, (name, args) in enumerate(parts, 1)
+        ]
+    )
+
+
+def text(words: str) -> ModelResponse:
+    return ModelResponse(parts=[TextPart(words)])
+
+
+class Script:
+    """A scripted model: answer ``n`` is ``turns[n]`` (a response or a function of the
+    messages). ``asked`` counts every request; a request past the script is a test failure."""
+
+    def __init__(self, *turns: ModelResponse | Turn) -> None:
+        self.turns = list(turns)
+        self.asked = 0
+        self.seen: list[list[ModelMessage]] = []
+        self.infos: list[AgentInfo] = []
+
+    def __call__(self, messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        self.seen.append(list(messages))
+        self.infos.append(info)
+        index = self.asked
+        self.asked += 1
+        if index >= len(self.turns):
+            return text(f"asked again ({index + 1})")
+        turn = self.turns[index]
+        return turn if isinstance(turn, ModelResponse) else turn(messages)
+
+
+def returns(messages: list[ModelMessage]) -> list[ToolReturnPart]:
+    """The tool results in the last request the model was sent."""
+    last = messages[-1]
+    assert isinstance(last, ModelRequest)
+    return [p for p in last.parts if isinstance(p, ToolReturnPart)]
+
+
+class Shop:
+    """A registry of booking tools that note what the world saw (calls and their keys)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, Any]] = []
+        self.keys: list[tuple[str, str]] = []
+        self.flaky: set[str] = set()  # tools whose next call reaches the provider and fails
+        self.declined = False  # the card provider declines, after a moment
+        tools = self.tools = agents.ToolRegistry()
+
+        @tools.read
+        def find_slots(ctx: agents.ToolContext, day: str) -> list[str]:
+            """Free slots on a day."""
+            self.log.append(("find_slots", day))
+            return ["09:00", "10:00"]
+
+        @tools.write(kind="compensable")
+        def book_slot(ctx: storno.StepContext, slot: str) -> str:
+            """Book a slot."""
+            self.keys.append(("book_slot", ctx.idempotency_key))
+            if "book_slot" in self.flaky:
+                self.flaky.discard("book_slot")
+                raise ConnectionError("the booking API reset the connection")
+            self.log.append(("book_slot", slot))
+            return f"booking-{slot}"
+
+        @book_slot.compensation
+        def cancel_slot(ctx: storno.CompensationContext[str], slot: str) -> None:
+            self.log.append(("cancel_slot", ctx.result))
+
+        @tools.write(kind="compensable", approval=lambda args: args["amount"] > 500)
+        def charge_card(ctx: storno.StepContext, customer: str, amount: int) -> str:
+            """Charge the customer's card."""
+            self.keys.append(("charge_card", ctx.idempotency_key))
+            if self.declined:
+                time.sleep(0.2)  # long enough for a write run alongside it to land
+                raise storno.TerminalError("card declined")
+            self.log.append(("charge_card", amount))
+            return f"charge-{customer}-{amount}"
+
+        @charge_card.compensation
+        def refund(ctx: storno.CompensationContext[str], customer: str, amount: int) -> None:
+            self.log.append(("refund", ctx.result))
+
+        @tools.write(kind="noncompensable")
+        def send_sms(ctx: storno.StepContext, to: str, body: str) -> str:
+            """Send a text message."""
+            self.log.append(("send_sms", body))
+            return "sent"
+
+        @tools.write(kind="compensable")
+        def add_to_calendar(ctx: storno.StepContext, slot: str) -> str:
+            """Put the booking in the calendar."""
+            self.log.append(("add_to_calendar", slot))
+            return "event-1"
+
+        @add_to_calendar.compensation
+        def remove_from_calendar(ctx: storno.CompensationContext[str], slot: str) -> None:
+            self.log.append(("remove_from_calendar", slot))
+
+    def saga(self, script: Script, **run_kwargs: Any) -> storno.Saga[..., Any]:
+        agent = Agent(FunctionModel(script), toolsets=[storno_pai.StornoToolset(self.tools)])
+
+        @storno.saga(name="booking_agent")
+        async def booking_agent(ctx: storno.SagaContext, prompt: str) -> str:
+            result = await storno_pai.run(ctx, agent, prompt, **run_kwargs)
+            return str(result.output)
+
+        return booking_agent
+
+    def app(self, url: str, saga: storno.Saga[..., Any]) -> storno.Storno:
+        return storno.Storno(url, sagas=[saga], steps=self.tools.steps())
+
+    def effects(self) -> list[tuple[str, Any]]:
+        return [entry for entry in self.log if entry[0] != "find_slots"]
+
+
+async def waiting_for_approval(app: storno.Storno, run_id: str, count: int = 1) -> bool:
+    info = await app.describe(run_id)
+    waits = [e for e in info.history if e.type == "signal_wait_started" and e.data.get("approval")]
+    return info.status is storno.RunStatus.WAITING and len(waits) >= count
+
+
+async def wait_until(condition: Callable[[], Any], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+# --- the key and the schema the model sees ---------------------------------------------------
+
+
+async def test_a_write_tool_key_is_structural_the_same_on_a_retry_and_after_a_restart(
+    sqlite_url: str,
+) -> None:
+    shop = Shop()
+    script = Script(
+        calls(("find_slots", {"day": "mon"}), ("book_slot", {"slot": "09:00"})),
+        calls(("charge_card", {"customer": "ada", "amount": 120}), turn=2),
+        text("booked and charged"),
+    )
+    saga = shop.saga(script)
+    shop.flaky.add("book_slot")  # a transient failure after the call: retried under its key
+    async with shop.app(sqlite_url, saga) as app:
+        with FaultInjector() as faults:
+            faults.crash("charge_card", when="after_call")  # landed, not recorded: a restart
+            worker = app.worker(worker_id="w1")
+            await worker.start()
+            handle = await app.start(saga, "book me in on monday")
+            await faults.wait_for_crash()
+            worker = await restart_worker(worker)
+            assert await handle.result(timeout=10) == "booked and charged"
+            await worker.stop()
+        info = await handle.describe()
+
+    steps = {s.name: s for s in info.steps}
+    for name in ("book_slot", "charge_card"):
+        expected = forward_key(handle.run_id, steps[name].position, name)
+        assert steps[name].idempotency_key == expected
+        # Every call the provider saw carried that one key: the retry and the repeat alike.
+        assert [key for tool, key in shop.keys if tool == name] == [expected, expected]
+    assert steps["book_slot"].attempts == 2
+    # The model saw the registry's schemas, with neither the context nor the key in them.
+    tools = {t.name: t for t in script.infos[0].function_tools}
+    assert set(tools) == {"find_slots", "book_slot", "charge_card", "send_sms", "add_to_calendar"}
+    assert tools["charge_card"].description == "Charge the customer's card."
+    charge = tools["charge_card"].parameters_json_schema
+    assert set(charge["properties"]) == {"customer", "amount"}
+    assert "ctx" not in str(charge) and "idempotency" not in str(charge)
+    assert script.asked == 3  # the restart replayed the two recorded answers
+
+
+# --- replay: the model is not asked again -----------------------------------------------------
+
+
+async def test_a_crash_between_the_model_answer_and_the_tool_call_replays_the_answer(
+    sqlite_url: str,
+) -> None:
+    shop = Shop()
+    # Asked again for its first turn, this model would charge 999 instead of 120.
+    first: list[int] = []
+
+    def first_turn(messages: list[ModelMessage]) -> ModelResponse:
+        first.append(1)
+        amount = 120 if len(first) == 1 else 999
+        return calls(("charge_card", {"customer": "ada", "amount": amount}))
+
+    script = Script(first_turn, text("charged"))
+    saga = shop.saga(script)
+    async with shop.app(sqlite_url, saga) as app:
+        with FaultInjector() as faults:
+            faults.crash("charge_card", when="before_call")  # after the answer was journaled
+            worker = app.worker(worker_id="w1")
+            await worker.start()
+            handle = await app.start(saga, "charge ada")
+            await faults.wait_for_crash()
+            assert shop.log == [] and script.asked == 1
+            worker = await restart_worker(worker)
+            assert await handle.result(timeout=10) == "charged"
+            await worker.stop()
+        info = await handle.describe()
+    assert first == [1]  # the first turn was asked once, before the crash
+    assert shop.log == [("charge_card", 120)]
+    assert script.asked == 2
+    recorded = [e for e in info.history if e.type == "value_recorded" and e.data["name"] == "model"]
+    assert len(recorded) == 2  # each model answer journaled once
+    # The journal holds what the model was sent and what it answered.
+    assert recorded[0].value["request"][0]["parts"][-1]["content"] == "charge ada"
+    assert recorded[0].value["response"]["parts"][0]["args"] == {"customer": "ada", "amount": 120}
+
+
+# --- compensation --------------------------------------------------------------------------
+
+
+async def test_a_write_that_fails_for_good_compensates_the_writes_done_in_reverse(
+    sqlite_url: str,
+) -> None:
+    shop = Shop()
+    script = Script(
+        calls(("book_slot", {"slot": "09:00"})),
+        calls(("charge_card", {"customer": "ada", "amount": 120}), turn=2),
+        calls(("add_to_calendar", {"slot": "09:00"}), turn=3),
+        text("never reached"),
+    )
+    saga = shop.saga(script)
+    async with shop.app(sqlite_url, saga) as app, app.worker():
+        with FaultInjector() as faults:
+            faults.fail_terminally("add_to_calendar")
+            handle = await app.start(saga, "book and charge")
+            with pytest.raises(storno.RunCompensatedError):
+                await handle.result(timeout=10)
+    assert shop.effects() == [
+        ("book_slot", "09:00"),
+        ("charge_card", 120),
+        ("refund", "charge-ada-120"),
+        ("cancel_slot", "booking-09:00"),
+    ]
+    assert script.asked == 3  # the failure ended the agent: no turn after it
+
+
+async def test_parallel_calls_run_as_the_order_rule_allows_the_sms_waits_for_the_charge(
+    sqlite_url: str,
+) -> None:
+    """One turn asks for book, SMS and charge at once, and the charge fails: the SMS (which
+    cannot be undone) never goes out, and the booking is compensated."""
+    shop = Shop()
+    script = Script(
+        calls(
+            ("book_slot", {"slot": "09:00"}),
+            ("send_sms", {"to": "ada", "body": "see you at 9"}),
+            ("charge_card", {"customer": "ada", "amount": 120}),
+        ),
+        text("never reached"),
+    )
+    saga = shop.saga(script)
+    shop.declined = True
+    async with shop.app(sqlite_url, saga) as app, app.worker():
+        handle = await app.start(saga, "book, text and charge")
+        with pytest.raises(storno.RunCompensatedError):
+            await handle.result(timeout=10)
+    assert ("send_sms", "see you at 9") not in shop.log
+    assert shop.effects() == [("book_slot", "09:00"), ("cancel_slot", "booking-09:00")]
+
+
+# --- the order rule ------------------------------------------------------------------------
+
+
+async def test_a_write_the_order_rule_forbids_is_refused_and_the_model_sees_why(
+    sqlite_url: str,
+) -> None:
+    shop = Shop()
+    told: list[ToolReturnPart] = []
+
+    def after_refusal(messages: list[ModelMessage]) -> ModelResponse:
+        told.extend(returns(messages))
+        return text("could not book after the text")
+
+    script = Script(
+        calls(("send_sms", {"to": "ada", "body": "booked"})),
+        calls(("book_slot", {"slot": "09:00"}), ("nope", {}), turn=2),
+        after_refusal,
+    )
+    saga = shop.saga(script)
+    async with shop.app(sqlite_url, saga) as app, app.worker():
+        handle = await app.start(saga, "text, then book")
+        assert await handle.result(timeout=10) == "could not book after the text"
+    assert shop.effects() == [("send_sms", "booked")]  # the booking never ran
+    refusal, unknown = told
+    assert refusal.tool_name == "book_slot" and refusal.outcome == "failed"
+    assert "refused, nothing ran" in refusal.content and "'send_sms'" in refusal.content
+    assert "compensable* pivot?" in refusal.content  # what order would be allowed
+    # A tool the registry does not have: Pydantic AI answers it, nothing of storno runs.
+    assert unknown.tool_name == "nope"
+
+
+async def test_bad_arguments_are_refused_by_the_registry_schema(sqlite_url: str) -> None:
+    shop = Shop()
+    told: list[ToolReturnPart] = []
+
+    def after(messages: list[ModelMessage]) -> ModelResponse:
+        told.extend(returns(messages))
+        return text("fixed nothing")
+
+    script = Script(calls(("charge_card", {"customer": "ada", "amount": "lots"})), after)
+    saga = shop.saga(script)
+    async with shop.app(sqlite_url, saga) as app, app.worker():
+        handle = await app.start(saga, "charge")
+        assert await handle.result(timeout=10) == "fixed nothing"
+    assert shop.log == []
+    (answer,) = told
+    assert answer.outcome == "failed" and "bad arguments for 'charge_card'" in answer.content
+
+
+# --- approvals -----------------------------------------------------------------------------
+
+
+async def test_an_approval_is_bound_to_its_arguments_a_changed_amount_needs_a_new_one(
+    sqlite_url: str,
+) -> None:
+    shop = Shop()
+    script = Script(
+        calls(("charge_card", {"customer": "ada", "amount": 800})),
+        calls(("charge_card", {"customer": "ada", "amount": 900}), turn=2),
+        text("charged twice"),
+    )
+    saga = shop.saga(script)
+    async with shop.app(sqlite_url, saga) as app, app.worker():
+        handle = await app.start(saga, "charge ada")
+        await wait_until(lambda: waiting_for_approval(app, handle.run_id))
+        assert shop.log == []  # waits, durably, before the charge
+        info = await handle.describe()
+        assert await app.approve(handle.run_id, by="ops")
+        # The approval covered 800; the model's next call asks for 900: a new approval.
+        await wait_until(lambda: waiting_for_approval(app, handle.run_id, count=2))
+        assert shop.log == [("charge_card", 800)]
+        assert await app.approve(handle.run_id, by="ops-lead")
+        assert await handle.result(timeout=10) == "charged twice"
+        info = await handle.describe()
+    assert shop.log == [("charge_card", 800), ("charge_card", 900)]
+    waits = [e for e in info.history if e.type == "signal_wait_started" and e.data.get("approval")]
+    # Each wait showed the operator the tool and its arguments, under a digest of its own.
+    assert [w.data["subject"] for w in waits] == [
+        {"tool": "charge_card", "arguments": {"customer": "ada", "amount": 800}},
+        {"tool": "charge_card", "arguments": {"customer": "ada", "amount": 900}},
+    ]
+    assert waits[0].data["digest"] != waits[1].data["digest"]
+
+
+async def test_a_pydantic_ai_approval_does_not_stand_in_for_storno_s(sqlite_url: str) -> None:
+    """The toolset wrapped in Pydantic AI's ``approval_required``: the agent defers the call,
+    the code approves it the Pydantic AI way (with changed arguments), and the write still
+    waits for an operator's storno approval of the arguments it runs with."""
+    shop = Shop()
+    script = Script(
+        calls(("charge_card", {"customer": "ada", "amount": 800})),
+        text("charged"),
+    )
+    gated = storno_pai.StornoToolset(shop.tools).approval_required()
+    agent = Agent(FunctionModel(script), toolsets=[gated], output_type=[str, DeferredToolRequests])
+
+    @storno.saga(name="gated_agent")
+    async def gated_agent(ctx: storno.SagaContext, prompt: str) -> str:
+        first = await storno_pai.run(ctx, agent, prompt)
+        deferred = first.output
+        assert isinstance(deferred, DeferredToolRequests)
+        (call,) = deferred.approvals
+        approvals = {
+            call.tool_call_id: ToolApproved(override_args={"customer": "ada", "amount": 700})
+        }
+        second = await storno_pai.run(
+            ctx,
+            agent,
+            message_history=first.all_messages(),
+            deferred_tool_results=DeferredToolResults(approvals=approvals),
+        )
+        return str(second.output)
+
+    async with shop.app(sqlite_url, gated_agent) as app, app.worker():
+        handle = await app.start(gated_agent, "charge ada")
+        await wait_until(lambda: waiting_for_approval(app, handle.run_id))
+        assert shop.log == []  # Pydantic AI's approval did not run the charge
+        info = await handle.describe()
+        assert await app.approve(handle.run_id, by="ops")
+        assert await handle.result(timeout=10) == "charged"
+    assert shop.log == [("charge_card", 700)]  # with the arguments the operator approved
+    waits = [e for e in info.history if e.type == "signal_wait_started" and e.data.get("approval")]
+    assert [w.data["subject"]["arguments"] for w in waits] == [{"customer": "ada", "amount": 700}]
+
+
+# --- outside a saga --------------------------------------------------------------------------
+
+
+async def test_the_toolset_outside_a_saga_says_where_it_belongs() -> None:
+    shop = Shop()
+    script = Script(calls(("find_slots", {"day": "mon"})), text("no"))
+    agent = Agent(FunctionModel(script), toolsets=[storno_pai.StornoToolset(shop.tools)])
+    with pytest.raises(storno.ConfigurationError, match="inside a saga body"):
+        await agent.run("hello")
