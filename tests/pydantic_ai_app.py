@@ -1,0 +1,116 @@
+"""A Pydantic AI agent as a saga, and the worker process the SIGKILL test kills.
+
+The agent's model is Pydantic AI's ``FunctionModel`` with a memory that outlives the process:
+every request it gets is appended to a log file. Asked for its first turn a second time, it
+would charge 999 instead of 120, so a replay that asked the model again would show. The
+``charge_card`` tool appends its call (amount and idempotency key) to the same log.
+
+Run as a worker process::
+
+    python tests/pydantic_ai_app.py --db PATH --log PATH [--start] [--kill]
+
+``--start`` starts the run (id ``agent-1``) first; ``--kill`` makes the process SIGKILL itself
+when the engine reaches ``step.started`` for ``charge_card``: the model's answer is journaled,
+the tool call it asked for has not been made. The process works until the run has ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+import storno
+from storno import _faults, agents
+from storno.agents import pydantic_ai as storno_pai
+
+RUN_ID = "agent-1"
+LOG = Path(os.environ.get("PYDANTIC_AI_APP_LOG", "agent.log"))
+
+
+def note(line: str) -> None:
+    with LOG.open("a") as log:
+        log.write(line + "\n")
+        log.flush()
+        os.fsync(log.fileno())
+
+
+def lines() -> list[str]:
+    return LOG.read_text().splitlines() if LOG.exists() else []
+
+
+tools = agents.ToolRegistry()
+
+
+@tools.write(kind="compensable")
+def charge_card(ctx: storno.StepContext, customer: str, amount: int) -> str:
+    """Charge the customer's card."""
+    note(f"charge {amount} {ctx.idempotency_key}")
+    return f"charge-{customer}-{amount}"
+
+
+@charge_card.compensation
+def refund(ctx: storno.CompensationContext[str], customer: str, amount: int) -> None:
+    note(f"refund {ctx.result}")
+
+
+def scripted(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    turn = sum(isinstance(m, ModelResponse) for m in messages)
+    again = f"asked {turn}" in lines()
+    note(f"asked {turn}")
+    if turn == 0:
+        amount = 999 if again else 120
+        args = {"customer": "ada", "amount": amount}
+        return ModelResponse(parts=[ToolCallPart("charge_card", args, tool_call_id="c1")])
+    return ModelResponse(parts=[TextPart("charged")])
+
+
+agent = Agent(FunctionModel(scripted), toolsets=[storno_pai.StornoToolset(tools)])
+
+
+@storno.saga
+async def charge_agent(ctx: storno.SagaContext, prompt: str) -> str:
+    result = await storno_pai.run(ctx, agent, prompt)
+    return str(result.output)
+
+
+def _kill_at_charge(name: str, details: dict[str, Any]) -> None:
+    if name == "step.started" and details.get("step") == "charge_card":
+        note("killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def work(db: str, start: bool) -> None:
+    async with storno.Storno(f"sqlite:///{db}", sagas=[charge_agent], steps=tools.steps()) as app:
+        if start:
+            await app.start(charge_agent.options(run_id=RUN_ID), "charge ada 120")
+        async with app.worker(worker_id="w1"):
+            await app.get_handle(RUN_ID).result(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--start", action="store_true")
+    parser.add_argument("--kill", action="store_true")
+    args = parser.parse_args()
+    if args.kill:
+        _faults.set_hook(_kill_at_charge)
+    asyncio.run(work(args.db, args.start))
+    return 0
+
+
+if __name__ == "__main__":
+    # Import ourselves by name so that step references recorded in the history read
+    # ``pydantic_ai_app:charge_card`` (as in the test process), not ``__main__:charge_card``.
+    import pydantic_ai_app
+
+    sys.exit(pydantic_ai_app.main())
