@@ -67,7 +67,11 @@ def _compensation_note(n: Note) -> str | None:
 
 def _awaited(e: RunEvent) -> str:
     """What a wait's event is about: an operator's approval, or a named signal."""
-    return "approval" if e.approval else f"signal {e.name!r}"
+    if not e.approval:
+        return f"signal {e.name!r}"
+    if e.subject is None:
+        return "approval"
+    return f"approval of {_short(e.subject, 70)} (digest {e.digest})"
 
 
 _EVENT_NOTES: dict[str, Callable[[RunEvent], str]] = {
@@ -115,6 +119,11 @@ def render_run(info: RunInfo) -> list[str]:
             lines.append(f"      child run {s.child_run_id}")
         if s.status == "completed":
             lines.append(f"      -> {_short(s.result)}")
+    values = [item for item in timeline.forward if item.kind == "value"]
+    if values:
+        lines += ["", "recorded (model decisions, reads, ctx.now() and the like)"]
+    for item in values:
+        lines.append(f"  #{item.position} {item.name}: {_short(item.value, 90)}")
     waits = [e for e in timeline.events if e.kind in _EVENT_NOTES]
     if waits:
         lines += ["", "waits, signals and operator actions"]
