@@ -259,6 +259,13 @@ async def test_a_crash_between_the_model_answer_and_the_tool_call_replays_the_an
     # The journal holds what the model was sent and what it answered.
     assert recorded[0].value["request"][0]["parts"][-1]["content"] == "charge ada"
     assert recorded[0].value["response"]["parts"][0]["args"] == {"customer": "ada", "amount": 120}
+    assert recorded[0].value["answered"] == {
+        "text": None,
+        "tool_calls": [
+            {"id": "t1-1", "name": "charge_card", "arguments": {"customer": "ada", "amount": 120}}
+        ],
+    }
+    assert recorded[1].value["answered"] == {"text": "charged", "tool_calls": []}
 
 
 @pytest.mark.slow

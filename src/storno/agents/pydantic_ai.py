@@ -40,6 +40,7 @@ from pydantic_ai.messages import (
     ModelMessage,
     ModelMessagesTypeAdapter,
     ModelResponse,
+    TextPart,
     ToolCallPart,
 )
 from pydantic_ai.models import (
@@ -97,6 +98,17 @@ def _dump(messages: Sequence[ModelMessage]) -> list[Any]:
     return dumped
 
 
+def _summary(response: ModelResponse) -> dict[str, Any]:
+    """The answer in the shape of storno's own loop (``ModelTurn``): its text, its calls."""
+    words = [part.content for part in response.parts if isinstance(part, TextPart)]
+    calls = [
+        {"id": part.tool_call_id, "name": part.tool_name, "arguments": part.args_as_dict()}
+        for part in response.parts
+        if isinstance(part, ToolCallPart)
+    ]
+    return {"text": "".join(words) if words else None, "tool_calls": calls}
+
+
 def _load_response(data: Any) -> ModelResponse:
     (message,) = ModelMessagesTypeAdapter.validate_python([data])
     if not isinstance(message, ModelResponse):
@@ -132,7 +144,11 @@ class StornoModel(WrapperModel):
 
         async def ask() -> dict[str, Any]:
             response = await wrapped.request(messages, model_settings, model_request_parameters)
-            return {"request": _dump(messages[-1:]), "response": _dump([response])[0]}
+            return {
+                "answered": _summary(response),  # what the timeline shows first
+                "request": _dump(messages[-1:]),
+                "response": _dump([response])[0],
+            }
 
         answer = await decide(saga, ask, name=self._name)
         return _load_response(answer["response"])
