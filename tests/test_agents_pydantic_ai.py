@@ -25,6 +25,7 @@ from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
     ModelResponse,
+    RetryPromptPart,
     TextPart,
     ToolCallPart,
     ToolReturnPart,
@@ -68,6 +69,7 @@ class Script:
         self.asked = 0
         self.seen: list[list[ModelMessage]] = []
         self.infos: list[AgentInfo] = []
+        self.__name__ = "script"  # FunctionModel names itself after its function
 
     def __call__(self, messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         self.seen.append(list(messages))
@@ -80,11 +82,11 @@ class Script:
         return turn if isinstance(turn, ModelResponse) else turn(messages)
 
 
-def returns(messages: list[ModelMessage]) -> list[ToolReturnPart]:
+def returns(messages: list[ModelMessage]) -> list[ToolReturnPart | RetryPromptPart]:
     """The tool results in the last request the model was sent."""
     last = messages[-1]
     assert isinstance(last, ModelRequest)
-    return [p for p in last.parts if isinstance(p, ToolReturnPart)]
+    return [p for p in last.parts if isinstance(p, ToolReturnPart | RetryPromptPart)]
 
 
 class Shop:
@@ -368,7 +370,7 @@ async def test_a_write_the_order_rule_forbids_is_refused_and_the_model_sees_why(
     sqlite_url: str,
 ) -> None:
     shop = Shop()
-    told: list[ToolReturnPart] = []
+    told: list[ToolReturnPart | RetryPromptPart] = []
 
     def after_refusal(messages: list[ModelMessage]) -> ModelResponse:
         told.extend(returns(messages))
@@ -385,6 +387,7 @@ async def test_a_write_the_order_rule_forbids_is_refused_and_the_model_sees_why(
         assert await handle.result(timeout=10) == "could not book after the text"
     assert shop.effects() == [("send_sms", "booked")]  # the booking never ran
     refusal, unknown = told
+    assert isinstance(refusal, ToolReturnPart)
     assert refusal.tool_name == "book_slot" and refusal.outcome == "failed"
     assert "refused, nothing ran" in refusal.content and "'send_sms'" in refusal.content
     assert "compensable* pivot?" in refusal.content  # what order would be allowed
@@ -394,7 +397,7 @@ async def test_a_write_the_order_rule_forbids_is_refused_and_the_model_sees_why(
 
 async def test_bad_arguments_are_refused_by_the_registry_schema(sqlite_url: str) -> None:
     shop = Shop()
-    told: list[ToolReturnPart] = []
+    told: list[ToolReturnPart | RetryPromptPart] = []
 
     def after(messages: list[ModelMessage]) -> ModelResponse:
         told.extend(returns(messages))
@@ -407,6 +410,7 @@ async def test_bad_arguments_are_refused_by_the_registry_schema(sqlite_url: str)
         assert await handle.result(timeout=10) == "fixed nothing"
     assert shop.log == []
     (answer,) = told
+    assert isinstance(answer, ToolReturnPart)
     assert answer.outcome == "failed" and "bad arguments for 'charge_card'" in answer.content
 
 
