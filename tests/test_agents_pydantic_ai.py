@@ -490,6 +490,28 @@ async def test_a_pydantic_ai_approval_does_not_stand_in_for_storno_s(sqlite_url:
     assert [w.data["subject"]["arguments"] for w in waits] == [{"customer": "ada", "amount": 700}]
 
 
+async def test_a_streamed_request_is_journaled_and_answered_in_one_piece(sqlite_url: str) -> None:
+    """With an event stream handler, Pydantic AI asks the model to stream: the answer is
+    still decided once and the handler sees it, and the tool call it asked for."""
+    shop = Shop()
+    script = Script(calls(("find_slots", {"day": "mon"})), text("09:00 is free"))
+    seen: list[str] = []
+
+    async def handler(ctx: Any, events: Any) -> None:
+        async for event in events:
+            seen.append(type(event).__name__)
+
+    saga = shop.saga(script, event_stream_handler=handler)
+    async with shop.app(sqlite_url, saga) as app, app.worker():
+        handle = await app.start(saga, "what is free?")
+        assert await handle.result(timeout=10) == "09:00 is free"
+        info = await handle.describe()
+    recorded = [e for e in info.history if e.type == "value_recorded" and e.data["name"] == "model"]
+    assert len(recorded) == 2 and script.asked == 2
+    assert "FunctionToolCallEvent" in seen and "FunctionToolResultEvent" in seen
+    assert "PartStartEvent" in seen  # the journaled answer replayed as stream events
+
+
 # --- outside a saga --------------------------------------------------------------------------
 
 
