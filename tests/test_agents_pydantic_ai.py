@@ -450,15 +450,20 @@ async def test_an_approval_is_bound_to_its_arguments_a_changed_amount_needs_a_ne
 
 
 async def test_a_pydantic_ai_approval_does_not_stand_in_for_storno_s(sqlite_url: str) -> None:
-    """The toolset wrapped in Pydantic AI's ``approval_required``: the agent defers the call,
-    the code approves it the Pydantic AI way (with changed arguments), and the write still
-    waits for an operator's storno approval of the arguments it runs with."""
+    """The toolset behind Pydantic AI's ``approval_required`` for the charge: the agent runs
+    the booking and defers the charge, the code approves it the Pydantic AI way (with changed
+    arguments), and the charge still waits for an operator's storno approval of the arguments
+    it runs with. Nothing runs twice."""
     shop = Shop()
     script = Script(
-        calls(("charge_card", {"customer": "ada", "amount": 800})),
-        text("charged"),
+        calls(
+            ("book_slot", {"slot": "09:00"}), ("charge_card", {"customer": "ada", "amount": 800})
+        ),
+        text("booked and charged"),
     )
-    gated = storno_pai.StornoToolset(shop.tools).approval_required()
+    gated = storno_pai.StornoToolset(shop.tools).approval_required(
+        lambda ctx, tool_def, args: tool_def.name == "charge_card"
+    )
     agent = Agent(FunctionModel(script), toolsets=[gated], output_type=[str, DeferredToolRequests])
 
     @storno.saga(name="gated_agent")
@@ -467,25 +472,24 @@ async def test_a_pydantic_ai_approval_does_not_stand_in_for_storno_s(sqlite_url:
         deferred = first.output
         assert isinstance(deferred, DeferredToolRequests)
         (call,) = deferred.approvals
-        approvals = {
-            call.tool_call_id: ToolApproved(override_args={"customer": "ada", "amount": 700})
-        }
+        approved = ToolApproved(override_args={"customer": "ada", "amount": 700})
         second = await storno_pai.run(
             ctx,
             agent,
             message_history=first.all_messages(),
-            deferred_tool_results=DeferredToolResults(approvals=approvals),
+            deferred_tool_results=DeferredToolResults(approvals={call.tool_call_id: approved}),
         )
         return str(second.output)
 
     async with shop.app(sqlite_url, gated_agent) as app, app.worker():
-        handle = await app.start(gated_agent, "charge ada")
+        handle = await app.start(gated_agent, "book and charge ada")
         await wait_until(lambda: waiting_for_approval(app, handle.run_id))
-        assert shop.log == []  # Pydantic AI's approval did not run the charge
+        assert shop.log == [("book_slot", "09:00")]  # Pydantic AI's approval ran no charge
         info = await handle.describe()
         assert await app.approve(handle.run_id, by="ops")
-        assert await handle.result(timeout=10) == "charged"
-    assert shop.log == [("charge_card", 700)]  # with the arguments the operator approved
+        assert await handle.result(timeout=10) == "booked and charged"
+    # Each write once; the charge with the arguments the operator approved.
+    assert shop.log == [("book_slot", "09:00"), ("charge_card", 700)]
     waits = [e for e in info.history if e.type == "signal_wait_started" and e.data.get("approval")]
     assert [w.data["subject"]["arguments"] for w in waits] == [{"customer": "ada", "amount": 700}]
 

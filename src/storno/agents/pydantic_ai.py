@@ -27,7 +27,7 @@ again on a replay. Streaming requests are answered from the journaled response i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -55,7 +55,7 @@ from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import RunContext, ToolDefinition
-from pydantic_ai.toolsets import AbstractToolset
+from pydantic_ai.toolsets import AbstractToolset, ApprovalRequiredToolset
 from pydantic_core import SchemaValidator, core_schema
 
 from storno._context import SagaContext
@@ -202,10 +202,17 @@ class StornoToolset(AbstractToolset[Any]):
     """The tools of a :class:`storno.agents.ToolRegistry`, as a Pydantic AI toolset.
 
     The model sees each tool's name, docstring and JSON schema from the registry (the step's
-    context, and so its idempotency key, is not in it). A call goes through
-    :func:`storno.agents.call_tools` together with the other registry calls of the same model
-    response, so writes are ordered by the order rule and each is a step at the run's next
-    position. A refused call is a failed tool result the model sees (``ToolFailed``).
+    context, and so its idempotency key, is not in it). A refused call is a failed tool result
+    the model sees (``ToolFailed``).
+
+    With ``turns=True`` (the default) the registry calls of a fresh model response go through
+    :func:`storno.agents.call_tools` together, as one turn: reads and compensable writes side
+    by side, then each write that cannot be undone once all of those succeeded. That needs
+    every call of the turn to reach this toolset; a wrapper that may hold some back (Pydantic
+    AI's ``approval_required``, a custom one raising ``CallDeferred``) needs ``turns=False``:
+    each call then runs on its own through :func:`storno.agents.call_tool`, as Pydantic AI
+    dispatches it. :meth:`approval_required` sets it. Calls answered in a later agent run (a
+    deferred call resumed with ``DeferredToolResults``) always run on their own.
     """
 
     def __init__(
@@ -214,8 +221,10 @@ class StornoToolset(AbstractToolset[Any]):
         *,
         ctx: SagaContext | None = None,
         id: str = "storno",
+        turns: bool = True,
     ) -> None:
         self.registry = registry
+        self.turns = turns
         self._ctx = ctx
         self._id = id
         self._turn: _Turn | None = None
@@ -226,7 +235,19 @@ class StornoToolset(AbstractToolset[Any]):
 
     async def for_run(self, ctx: RunContext[Any]) -> AbstractToolset[Any]:
         # One agent may serve many runs at once: each run gets its own turn state.
-        return StornoToolset(self.registry, ctx=self._ctx, id=self._id)
+        return StornoToolset(self.registry, ctx=self._ctx, id=self._id, turns=self.turns)
+
+    def approval_required(
+        self,
+        approval_required_func: Callable[
+            [RunContext[Any], ToolDefinition, dict[str, Any]], bool
+        ] = (lambda ctx, tool_def, tool_args: True),
+    ) -> ApprovalRequiredToolset[Any]:
+        """Pydantic AI's approval in front of storno's: the agent's caller says yes first (the
+        run ends with ``DeferredToolRequests``), then a write whose registry policy asks for
+        it still waits for an operator's approval of the arguments it runs with."""
+        alone = StornoToolset(self.registry, ctx=self._ctx, id=self._id, turns=False)
+        return ApprovalRequiredToolset(alone, approval_required_func)
 
     async def get_tools(self, ctx: RunContext[Any]) -> dict[str, ToolsetTool[Any]]:
         tools: dict[str, ToolsetTool[Any]] = {}
@@ -249,11 +270,11 @@ class StornoToolset(AbstractToolset[Any]):
         # needing approval waits for storno's, bound to the digest of these arguments.
         saga = _context(self._ctx, "a storno tool")
         call_id = ctx.tool_call_id or name
-        calls = self._calls_of_turn(ctx)
+        calls = self._fresh_turn(ctx) if self.turns else ()
         mine = next((c for c in calls if c.id == call_id), None)
         if mine is None or mine.name != name or mine.arguments != tool_args:
-            # Not as the model's last response asked (e.g. arguments overridden on approval):
-            # a call of its own, at the run's next position.
+            # On its own, at the run's next position: not part of a fresh turn, or not as the
+            # model asked it (arguments overridden on approval).
             outcome = await call_tool(saga, self.registry, ToolCall(call_id, name, tool_args))
         else:
             turn = self._turn
@@ -267,10 +288,13 @@ class StornoToolset(AbstractToolset[Any]):
             raise ToolFailed(outcome.error or f"tool {name!r} failed")
         return outcome.value
 
-    def _calls_of_turn(self, ctx: RunContext[Any]) -> tuple[ToolCall, ...]:
-        """The registry's tool calls in the model response being acted on, in its order."""
-        response = next((m for m in reversed(ctx.messages) if isinstance(m, ModelResponse)), None)
-        if response is None:
+    def _fresh_turn(self, ctx: RunContext[Any]) -> tuple[ToolCall, ...]:
+        """The registry's tool calls of the model response being acted on, in its order, if
+        none of them has been answered yet (the response is the last message)."""
+        if not ctx.messages or ctx.tool_call_approved:
+            return ()
+        response = ctx.messages[-1]
+        if not isinstance(response, ModelResponse):
             return ()
         return tuple(
             ToolCall(part.tool_call_id, part.tool_name, part.args_as_dict())
