@@ -8,8 +8,9 @@ in it that must not happen twice through storno:
   agent sees it, and a resumed run gets the recorded response back without asking the model;
 - each **tool call** of a tool registered in a :class:`storno.agents.ToolRegistry` goes through
   :func:`storno.agents.call_tools` (:class:`StornoToolset`, built from the registry, so a tool is
-  declared once): the calls of one model turn run together, in the order the order rule
-  allows, a write as a step keyed by (run, position, tool), a read recorded. A refusal (unknown
+  declared once): the calls of one model response run together as a turn, in the order the
+  order rule allows (or each on its own, behind a wrapper that may hold calls back), a write
+  as a step keyed by (run, position, tool), a read recorded. A refusal (unknown
   tool, bad arguments, the order rule) reaches the model as a failed tool result
   (``ToolFailed``) saying why; a write that fails for good raises out of the agent, and the saga
   compensates the writes done so far.
