@@ -26,7 +26,7 @@ EXPECTED = {
 def test_public_names_are_pinned():
     assert set(storno.__all__) == EXPECTED
     assert len(storno.__all__) == len(EXPECTED)
-    submodules = ("annotations", "testing", "server")
+    submodules = ("annotations", "testing", "server", "agents")
     # "@py_builtins" and "@pytest_ar": pytest rewrites asserts in packages that ship a plugin.
     public = {n for n in vars(storno) if n[0] not in "_@" and n not in submodules}
     assert public - EXPECTED == set(), "a public name is not in __all__"
@@ -49,6 +49,21 @@ def test_server_names_are_pinned():
     assert public - SERVER == set(), "a public name of storno.server is not in __all__"
     for name in SERVER:
         assert getattr(storno.server, name) is not None, name
+
+
+AGENTS = {
+    "ToolRegistry", "Tool", "ToolContext", "Approval", "ToolCall", "ToolOutcome", "decide",
+    "call_tool", "call_tools", "ModelTurn", "Model", "ScriptedModel", "run_agent",
+}  # fmt: skip
+
+
+def test_agents_names_are_pinned():
+    import storno.agents
+
+    assert set(storno.agents.__all__) == AGENTS
+    adapters = ("annotations", "pydantic_ai", "openai_agents")
+    public = {n for n in vars(storno.agents) if n[0] not in "_@" and n not in adapters}
+    assert public - AGENTS == set(), "a public name of storno.agents is not in __all__"
 
 
 def test_every_error_descends_from_one_root():
