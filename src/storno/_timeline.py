@@ -84,7 +84,7 @@ class ForwardItem:
     """One forward position: a step or child run with its attempts, or a durable wait."""
 
     position: int
-    kind: str  # step | child | sleep | signal | approval
+    kind: str  # step | child | sleep | signal | approval | value (a recorded value)
     name: str
     status: str  # a step's (see StepInfo); a wait's: waiting | done | timed out
     step: StepInfo | None = None
@@ -99,6 +99,7 @@ class ForwardItem:
     until: float | None = None  # a sleep's wake time, a wait's timeout
     value: Any = None  # the signal's data or the approval's decision a wait received
     by: str | None = None  # who sent that signal or decided
+    subject: Any = None  # what an approval wait asks to approve (a tool and its arguments)
 
     @property
     def duration(self) -> float | None:
@@ -305,6 +306,7 @@ def _wait(position: int, e: HistoryEvent, approval: bool) -> ForwardItem:
         status="waiting",
         started_at=e.at,
         until=e.data.get("until"),
+        subject=e.data.get("subject"),
     )
 
 
@@ -372,6 +374,19 @@ def build_timeline(info: RunInfo) -> Timeline:
                 settled[p] = "late return"
     forward = [_step_item(s, notes.get(s.position, []), settled) for s in steps.values()]
     forward.extend(waits.values())
+    # Recorded values: a model's decisions, reads, ctx.now() and the like.
+    forward.extend(
+        ForwardItem(
+            position=e.position,
+            kind="value",
+            name=str(e.data.get("name", "")),
+            status="recorded",
+            value=e.value,
+            started_at=e.at,
+        )
+        for e in info.history
+        if e.type == "value_recorded" and e.position is not None
+    )
     forward.sort(key=lambda item: item.position)
     # Compensations run last step first: order them as they ran (comps keeps first-seen order).
     ordered = list(comps.values())

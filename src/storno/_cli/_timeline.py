@@ -115,6 +115,11 @@ def render_run(info: RunInfo) -> list[str]:
             lines.append(f"      child run {s.child_run_id}")
         if s.status == "completed":
             lines.append(f"      -> {_short(s.result)}")
+    values = [item for item in timeline.forward if item.kind == "value"]
+    if values:
+        lines += ["", "recorded (model decisions, reads, ctx.now() and the like)"]
+    for item in values:
+        lines.append(f"  #{item.position} {item.name}: {_short(item.value, 90)}")
     waits = [e for e in timeline.events if e.kind in _EVENT_NOTES]
     if waits:
         lines += ["", "waits, signals and operator actions"]

@@ -46,18 +46,20 @@ Model = Callable[[list[Message], list[dict[str, Any]]], "ModelTurn | Awaitable[M
 
 class ScriptedModel:
     """A model that answers from a script, for tests and examples: each turn is a
-    :class:`ModelTurn`, or a function of the conversation that returns one. ``calls`` counts
-    how often it was asked (a replay must not ask again)."""
+    :class:`ModelTurn`, or a function of the conversation that returns one. Like a real model
+    it answers the conversation it is given: its n-th answer follows n-1 earlier ones, however
+    many times it was asked. ``calls`` counts how often it was asked (a replay must not)."""
 
     def __init__(self, turns: Sequence[ModelTurn | Callable[[list[Message]], ModelTurn]]):
         self.turns = list(turns)
         self.calls = 0
 
     def __call__(self, messages: list[Message], tools: list[dict[str, Any]]) -> ModelTurn:
-        if self.calls >= len(self.turns):
-            raise TerminalError(f"the scripted model has no turn {self.calls + 1}")
-        turn = self.turns[self.calls]
         self.calls += 1
+        number = sum(1 for m in messages if m.get("role") == "assistant")
+        if number >= len(self.turns):
+            raise TerminalError(f"the scripted model has no turn {number + 1}")
+        turn = self.turns[number]
         return turn(messages) if callable(turn) else turn
 
 
