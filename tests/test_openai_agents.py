@@ -233,7 +233,11 @@ async def test_a_resumed_run_does_not_ask_the_model_again(tmp_path: Path):
     assert [s.name for s in info.steps] == ["book_slot"]
     recorded = [e for e in info.history if e.type == "value_recorded"]
     assert [e.data["name"] for e in recorded] == ["model", "model"]
-    # What the model was told is journaled with its answer.
+    # The decision is journaled readably, and what the model was told with it.
+    assert recorded[0].value["decision"] == {
+        "text": None,
+        "tool_calls": [{"id": "c1", "name": "book_slot", "arguments": {"slot": "09:00"}}],
+    }
     assert recorded[1].value["request"]["new"][-1]["output"] == "booking 09:00"
 
 

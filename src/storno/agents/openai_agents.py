@@ -38,6 +38,7 @@ from typing import Any
 from agents import (
     Agent,
     FunctionTool,
+    ItemHelpers,
     Model,
     ModelProvider,
     ModelResponse,
@@ -110,6 +111,21 @@ def load_response(data: Mapping[str, Any]) -> ModelResponse:
         response_id=data.get("response_id"),
         request_id=data.get("request_id"),
     )
+
+
+def _decision(response: ModelResponse) -> dict[str, Any]:
+    """A response's text and tool calls, in the shape ``storno.agents.run_agent`` records."""
+    texts = [ItemHelpers.extract_text(item) for item in response.output]
+    calls = []
+    for item in response.output:
+        if isinstance(item, ResponseFunctionToolCall):
+            try:
+                arguments: Any = json.loads(item.arguments or "{}")
+            except ValueError:
+                arguments = item.arguments
+            calls.append({"id": item.call_id, "name": item.name, "arguments": arguments})
+    text = "".join(t for t in texts if t) or None
+    return {"text": text, "tool_calls": calls}
 
 
 # --- one agent run inside a saga body ----------------------------------------------------------
@@ -213,7 +229,10 @@ class DurableModel(Model):
                 conversation_id=conversation_id,
                 prompt=prompt,
             )
-            return {"request": request, "response": dump_response(response)}
+            # What the model decided (first in the JSON, so `storno show` prints it), then all
+            # of the response and what the model was told since its previous answer.
+            decision = _decision(response)
+            return {"decision": decision, "request": request, "response": dump_response(response)}
 
         try:
             recorded = await core.decide(session.ctx, ask, name=self.name)
