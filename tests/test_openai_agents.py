@@ -424,3 +424,46 @@ async def test_the_tools_work_only_inside_a_durable_run():
     with pytest.raises(sdk.UserError, match="only inside"):
         await sdk.Runner.run(agent, "book", run_config=sdk.RunConfig(tracing_disabled=True))
     assert LEDGER == []
+
+
+async def test_a_handoff_journals_the_next_agents_model_too(tmp_path: Path):
+    first_answers: list[int] = []
+
+    def payer_answer(call: ModelCall) -> list[Any]:
+        if outputs(call).get("c2"):
+            return done("paid")
+        first_answers.append(1)
+        amount = 80 if len(first_answers) == 1 else 81  # would differ if asked again
+        return [function_call("charge_card", {"customer": "ada", "amount": amount}, call_id="c2")]
+
+    payer_model = ScriptedModel([ModelStep.respond(payer_answer) for _ in range(4)])
+    payer: Agent[Any] = Agent(
+        name="payer", tools=SDK_TOOLS, model=oa.DurableModel(payer_model, name="payer")
+    )
+    front = ScriptedModel([[function_call("transfer_to_payer", {}, call_id="c1")]])
+    AGENT["agent"] = Agent(name="front", handoffs=[payer], model=front)
+    async with app_at(tmp_path) as app:
+        with FaultInjector() as faults:
+            faults.crash(charge_card, when="before_call")
+            worker = app.worker(worker_id="w1")
+            await worker.start()
+            handle = await app.start(assistant, "pay")
+            await faults.wait_for_crash()
+            await restart_worker(worker)
+            assert await handle.result(timeout=10) == "paid"
+        info = await handle.describe()
+    assert LEDGER == ["charge ada 80"] and first_answers == [1]
+    names = [e.data["name"] for e in info.history if e.type == "value_recorded"]
+    assert names == ["model", "payer", "payer"]
+
+
+async def test_an_agent_whose_model_would_not_be_journaled_is_refused(tmp_path: Path):
+    payer: Agent[Any] = Agent(name="payer", tools=SDK_TOOLS, model=ScriptedModel([done()]))
+    front = ScriptedModel([[function_call("transfer_to_payer", {}, call_id="c1")]])
+    AGENT["agent"] = Agent(name="front", handoffs=[payer], model=front)
+    async with app_at(tmp_path) as app, app.worker():
+        handle = await app.start(assistant, "pay")
+        with pytest.raises(storno.RunFailedError):
+            await handle.result(timeout=10)
+        info = await handle.describe()
+    assert "DurableModel" in json.dumps(info.error) and len(front.calls) == 0
