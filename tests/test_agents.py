@@ -13,6 +13,7 @@ import storno
 from storno import agents
 from storno._model import forward_key
 from storno.testing import FaultInjector, restart_worker
+from test_cli import cli
 
 Call, Turn = agents.ToolCall, agents.ModelTurn
 
@@ -230,6 +231,14 @@ async def test_an_approval_is_bound_to_the_arguments_it_approved(tmp_path: Path)
         assert ("invoice", 950) not in ledger
         second = [e for e in info.history if e.type == "signal_wait_started"][-1].data
         assert second["digest"] != asked["digest"]
+        # The first approval's digest does not cover the second request, from the CLI too.
+        url = f"sqlite:///{tmp_path / 'agents.db'}"
+        stale = await asyncio.to_thread(
+            cli, "approve", handle.run_id, "--digest", asked["digest"], "--db", url, cwd=tmp_path
+        )
+        assert stale.returncode == 1 and "asks to approve" in stale.stderr
+        shown = await asyncio.to_thread(cli, "show", handle.run_id, "--db", url, cwd=tmp_path)
+        assert f"(digest {second['digest']})" in shown.stdout
         await app.approve(handle.run_id, by="maria")
         assert await handle.result(timeout=10) == "invoiced"
     assert [x for x in ledger if x[0] == "invoice"] == [("invoice", 900), ("invoice", 950)]

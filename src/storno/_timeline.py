@@ -100,6 +100,7 @@ class ForwardItem:
     value: Any = None  # the signal's data or the approval's decision a wait received
     by: str | None = None  # who sent that signal or decided
     subject: Any = None  # what an approval wait asks to approve (a tool and its arguments)
+    digest: str | None = None  # the subject's digest: the approval applies to it alone
 
     @property
     def duration(self) -> float | None:
@@ -156,6 +157,8 @@ class RunEvent:
     worker: str | None = None  # the worker that resumed the run, under lease ``epoch``
     epoch: Any = None
     start_at: Any = None  # a scheduled run's start
+    subject: Any = None  # what an approval wait asks to approve
+    digest: str | None = None  # and its digest
 
 
 @dataclass(slots=True)
@@ -241,6 +244,8 @@ def _run_event(e: HistoryEvent) -> RunEvent:
         worker=d.get("worker"),
         epoch=d.get("epoch"),
         start_at=d.get("start_at"),
+        subject=d.get("subject"),
+        digest=d.get("digest"),
     )
 
 
@@ -307,6 +312,7 @@ def _wait(position: int, e: HistoryEvent, approval: bool) -> ForwardItem:
         started_at=e.at,
         until=e.data.get("until"),
         subject=e.data.get("subject"),
+        digest=e.data.get("digest"),
     )
 
 

@@ -74,12 +74,19 @@ def signal(
 @click.command(short_help="Approve a run waiting for approval.")
 @click.argument("run_id", metavar="RUN")
 @click.option("--note", help="Why; recorded with the approval.")
+@click.option(
+    "--digest",
+    help="The digest of what you approve (shown by storno show): refused if the run now asks "
+    "for something else.",
+)
 @_by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @db_option
-def approve(run_id: str, note: str | None, by: str, as_json: bool, url: str) -> None:
+def approve(
+    run_id: str, note: str | None, digest: str | None, by: str, as_json: bool, url: str
+) -> None:
     """Approve RUN at its ctx.wait_for_approval()."""
-    _with_app(url, lambda app: app.approve(run_id, by=by, note=note))
+    _with_app(url, lambda app: app.approve(run_id, by=by, note=note, digest=digest))
     _report(as_json, run_id, "approved", by=by)
 
 

@@ -67,7 +67,11 @@ def _compensation_note(n: Note) -> str | None:
 
 def _awaited(e: RunEvent) -> str:
     """What a wait's event is about: an operator's approval, or a named signal."""
-    return "approval" if e.approval else f"signal {e.name!r}"
+    if not e.approval:
+        return f"signal {e.name!r}"
+    if e.subject is None:
+        return "approval"
+    return f"approval of {_short(e.subject, 70)} (digest {e.digest})"
 
 
 _EVENT_NOTES: dict[str, Callable[[RunEvent], str]] = {

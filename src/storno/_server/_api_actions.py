@@ -86,7 +86,7 @@ async def approve(
     """Approve a run waiting in ``ctx.wait_for_approval()``."""
     body = body or ApproveRequest()
     server, who, run_id = state_of(request), actor(principal, body.by), checked_run_id(run_id)
-    await server.app.approve(run_id, by=who, note=body.note)
+    await server.app.approve(run_id, by=who, note=body.note, digest=body.digest)
     return await _after(server, run_id, "approve", who)
 
 

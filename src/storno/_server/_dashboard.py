@@ -302,7 +302,7 @@ def install_dashboard(api: FastAPI) -> Any:
             raise ApiError(404, "not_found", f"no action {action!r}")
         try:
             check_identifier(run_id, "run id")
-            for key in ("note", "reason", "data", "name", "id", "not_applied", "outcome"):
+            for key in ("note", "reason", "data", "name", "id", "not_applied", "outcome", "digest"):
                 check_text(form.get(key, ""))
         except ValueError as exc:
             raise ApiError(422, "invalid", str(exc)) from None
@@ -327,7 +327,8 @@ def install_dashboard(api: FastAPI) -> Any:
                     raise ApiError(422, "invalid", "a cancel needs a reason")
                 await app.cancel(run_id, by=who, reason=reason)
             elif action == "approve":
-                await app.approve(run_id, by=who, note=note)
+                digest = form.get("digest", "").strip() or None
+                await app.approve(run_id, by=who, note=note, digest=digest)
             elif action == "reject":
                 if not reason:
                     raise ApiError(422, "invalid", "a rejection needs a reason")

@@ -128,6 +128,11 @@ class SignalRequest(_Body):
 class ApproveRequest(_Body):
     note: Text | None = None
     by: Actor | None = Field(default=None, description="Who decided; default the token's name.")
+    digest: Identifier | None = Field(
+        default=None,
+        description="The digest of what is approved, as the run's wait shows it: refused (409) "
+        "if the run now asks to approve something else.",
+    )
 
 
 class RejectRequest(_Body):
