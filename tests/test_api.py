@@ -51,6 +51,21 @@ def test_server_names_are_pinned():
         assert getattr(storno.server, name) is not None, name
 
 
+AGENTS = {
+    "ToolRegistry", "Tool", "ToolContext", "Approval", "ToolCall", "ToolOutcome", "decide",
+    "call_tool", "call_tools", "ModelTurn", "Model", "ScriptedModel", "run_agent",
+}  # fmt: skip
+
+
+def test_agents_names_are_pinned():
+    import storno.agents
+
+    assert set(storno.agents.__all__) == AGENTS
+    adapters = ("annotations", "pydantic_ai", "openai_agents")
+    public = {n for n in vars(storno.agents) if n[0] not in "_@" and n not in adapters}
+    assert public - AGENTS == set(), "a public name of storno.agents is not in __all__"
+
+
 def test_every_error_descends_from_one_root():
     errors = [getattr(storno, n) for n in storno.__all__ if n.endswith("Error")]
     for error in errors:
