@@ -55,9 +55,8 @@ from agents.usage import deserialize_usage, serialize_usage
 from openai.types.responses import ResponseFunctionToolCall, ResponseOutputItem
 from pydantic import TypeAdapter, ValidationError
 
+from storno import ConfigurationError, SagaContext
 from storno import agents as core
-from storno._context import SagaContext
-from storno._errors import ConfigurationError
 
 __all__ = [
     "DurableModel",
