@@ -266,3 +266,77 @@ async def test_a_rejected_write_compensates_the_writes_before_it(tmp_path: Path)
         with pytest.raises(storno.RunCompensatedError):
             await handle.result(timeout=10)
     assert [k for k, _ in ledger] == ["crm", "crm-undo"]
+
+
+# --- plans ---------------------------------------------------------------------------------
+
+
+def plan_tools() -> agents.ToolRegistry:
+    tools = registry([])
+
+    @tools.write(kind="compensable")
+    def hold_room(ctx: storno.StepContext, room: str) -> str:
+        """Hold a room (no compensation declared: a mistake the plan check must catch)."""
+        return room
+
+    @tools.write(kind="pivot")
+    def capture_payment(ctx: storno.StepContext, amount: int) -> str:
+        """Capture the payment: the point of no return."""
+        return "captured"
+
+    return tools
+
+
+def test_the_plan_schema_names_the_registry_tools() -> None:
+    schema = agents.plan_schema(plan_tools())
+    call = schema["properties"]["steps"]["items"]
+    assert "create_invoice" in call["properties"]["tool"]["enum"]
+    assert call["required"] == ["tool", "arguments"]
+
+
+def test_a_plan_check_reports_each_kind_of_finding() -> None:
+    tools = plan_tools()
+    report = agents.check_plan(
+        tools,
+        [
+            {"tool": "post_slack", "arguments": {"text": "starting"}},
+            {"tool": "update_crm", "arguments": {"customer": "c", "stage": "x"}},
+            {"tool": "teleport", "arguments": {}},
+            {"tool": "create_invoice", "arguments": {"customer": "c", "amount": "many"}},
+            {"tool": "hold_room", "arguments": {"room": "A"}, "after": [9]},
+            {"tool": "capture_payment", "arguments": {"amount": 1}},
+            {"tool": "capture_payment", "arguments": {"amount": 2}},
+        ],
+    )
+    kinds = sorted({f.kind for f in report.findings})
+    assert kinds == ["bad_arguments", "dependency", "no_compensation", "order", "unknown_tool"]
+    assert not report.ok
+    text = report.for_model()
+    assert "call #2 (update_crm) can be undone but comes after call #1 (post_slack)" in text
+    assert "no tool named 'teleport'" in text and "second pivot" in text
+    approvals = agents.check_plan(
+        tools,
+        {"steps": [{"tool": "create_invoice", "arguments": {"customer": "c", "amount": 900}}]},
+    )
+    assert approvals.ok and [f.kind for f in approvals.findings] == ["approval"]
+    assert agents.check_plan(tools, []).findings[0].kind == "malformed"
+
+
+async def test_a_plan_that_passes_runs_and_one_that_fails_runs_nothing(tmp_path: Path) -> None:
+    ledger: list[tuple[str, Any]] = []
+    tools = registry(ledger)
+    good = [
+        {"tool": "update_crm", "arguments": {"customer": "c", "stage": "won"}},
+        {"tool": "post_slack", "arguments": {"text": "won c"}, "after": [1]},
+    ]
+    bad = list(reversed(good))
+
+    @storno.saga
+    async def planned(ctx: storno.SagaContext, plan: list[dict[str, Any]]) -> list[Any]:
+        return [o.value for o in await agents.run_plan(ctx, tools, plan)]
+
+    async with app_for(tmp_path, planned, tools) as app, app.worker():
+        assert await app.run(planned, good) == ["crm-won", "posted"]
+        with pytest.raises(storno.RunCompensatedError, match="the plan was refused"):
+            await app.run(planned, bad)
+    assert [k for k, _ in ledger] == ["crm", "slack"]

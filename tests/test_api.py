@@ -54,6 +54,7 @@ def test_server_names_are_pinned():
 AGENTS = {
     "ToolRegistry", "Tool", "ToolContext", "Approval", "ToolCall", "ToolOutcome", "decide",
     "call_tool", "call_tools", "ModelTurn", "Model", "ScriptedModel", "run_agent",
+    "plan_schema", "check_plan", "run_plan", "PlanReport", "Finding",
 }  # fmt: skip
 
 

@@ -13,6 +13,7 @@ frameworks' loops through the same operations.
 
 from storno.agents._calls import ToolCall, ToolOutcome, call_tool, call_tools, decide
 from storno.agents._loop import Model, ModelTurn, ScriptedModel, run_agent
+from storno.agents._plans import Finding, PlanReport, check_plan, plan_schema, run_plan
 from storno.agents._tools import Approval, Tool, ToolContext, ToolRegistry
 
 __all__ = [
@@ -29,4 +30,9 @@ __all__ = [
     "Model",
     "ScriptedModel",
     "run_agent",
+    "plan_schema",
+    "check_plan",
+    "run_plan",
+    "PlanReport",
+    "Finding",
 ]
