@@ -8,8 +8,8 @@ journaled, each write a step under a lease, tools from ``function_tools(registry
 difference per write call is storno's overhead; printed as the median and p99 over runs of
 several rounds. Nothing here is asserted.
 
-Run it as a module from the checkout's root (``python bench/agents_openai.py`` would put
-``bench/`` first on the path, where ``bench/agents.py`` hides the SDK's ``agents`` package):
+No module in ``bench/`` may be called ``agents``: run as a script, this one would import it in
+place of the SDK's ``agents`` package.
 
     python -m bench.agents_openai [--rounds 5] [--runs 200] [--writes 5]
         [--synchronous full|normal]

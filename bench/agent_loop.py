@@ -6,7 +6,7 @@ a plain loop that calls the model and the tools directly and keeps nothing. The 
 write call is storno's overhead; printed as the median and p99 over runs of several rounds.
 Nothing here is asserted.
 
-    python bench/agents.py [--rounds 5] [--runs 200] [--writes 5] [--synchronous full|normal]
+    python bench/agent_loop.py [--rounds 5] [--runs 200] [--writes 5] [--synchronous full|normal]
 """
 
 from __future__ import annotations
