@@ -192,7 +192,8 @@ def test_annotations_are_reported_and_disagreements_warned() -> None:
     assert not any("'charge'" in s for s in said)
     by_name = {r.name: r for r in rows}
     assert str(by_name["balance"]).startswith("balance: retryable (server: readOnlyHint=True)")
-    assert by_name["refund"].classification == "unclassified (refused)"
+    assert by_name["refund"].classification == "unclassified, refused to the model (undoes charge)"
+    assert by_name["delete_customer"].classification == "read"
     assert by_name["charge"].warnings == []
 
 

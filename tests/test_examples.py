@@ -48,3 +48,20 @@ def test_the_invoice_agent_never_posts_to_slack(tmp_path: Path) -> None:
     done = run(str(ROOT / "examples" / "invoice_agent.py"), "sqlite:///i.db", cwd=tmp_path)
     assert "slack" not in done.stdout
     assert "crm: ACME -> invoiced" in done.stdout and "crm: ACME stage restored" in done.stdout
+
+
+def test_the_mcp_booking_agent_undoes_through_the_servers_tools_in_reverse(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("mcp", reason="the MCP SDK is not installed (storno[mcp])")
+    done = run(str(ROOT / "examples" / "booking_agent_mcp.py"), "sqlite:///m.db", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "close_account: unclassified, refused to the model" in done.stdout
+    assert "closed ada" not in done.stdout
+    undone = [line for line in lines if line.startswith(("sms to", "refunded", "released"))]
+    assert undone[1:] == [
+        "sms to +431234: sorry, your booking could not be completed",
+        "refunded ch-1",
+        "released 2026-12-04 10:00",
+    ]

@@ -302,7 +302,7 @@ class ToolReport:
     """One server tool: the user's classification next to the server's annotations."""
 
     name: str
-    classification: str  # "read", a step kind, or "unclassified (refused)"
+    classification: str  # "read", a step kind, or "unclassified, refused to the model"
     annotations: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
 
@@ -352,16 +352,21 @@ def report(
     tools: Iterable[mcp_types.Tool], classification: Mapping[str, Classification]
 ) -> list[ToolReport]:
     """Each server tool's classification next to its annotations, with the disagreements."""
+    roles: dict[str, list[str]] = {}
+    for name, what in classification.items():
+        if isinstance(what, Write):
+            if what.compensate is not None:
+                roles.setdefault(what.compensate, []).append(f"undoes {name}")
+            if what.verify is not None:
+                roles.setdefault(what.verify, []).append(f"reads back {name}")
     rows = []
     for tool in tools:
         what = classification.get(tool.name)
-        label = (
-            "unclassified (refused)"
-            if what is None
-            else "read"
-            if isinstance(what, Read)
-            else what.kind.value
-        )
+        if what is None:
+            role = "; ".join(roles.get(tool.name, []))
+            label = f"unclassified, refused to the model{f' ({role})' if role else ''}"
+        else:
+            label = "read" if isinstance(what, Read) else what.kind.value
         hints = _hints(tool)
         rows.append(ToolReport(tool.name, label, hints, _disagreements(tool.name, what, hints)))
     return rows
