@@ -353,12 +353,12 @@ def report(
 ) -> list[ToolReport]:
     """Each server tool's classification next to its annotations, with the disagreements."""
     roles: dict[str, list[str]] = {}
-    for name, what in classification.items():
-        if isinstance(what, Write):
-            if what.compensate is not None:
-                roles.setdefault(what.compensate, []).append(f"undoes {name}")
-            if what.verify is not None:
-                roles.setdefault(what.verify, []).append(f"reads back {name}")
+    for name, entry in classification.items():
+        if isinstance(entry, Write):
+            if entry.compensate is not None:
+                roles.setdefault(entry.compensate, []).append(f"undoes {name}")
+            if entry.verify is not None:
+                roles.setdefault(entry.verify, []).append(f"reads back {name}")
     rows = []
     for tool in tools:
         what = classification.get(tool.name)
