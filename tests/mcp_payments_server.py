@@ -23,6 +23,7 @@ class Payments:
         self.keys_seen: list[str | None] = []
         self.fail_after_landing = 0  # the next n charges land, then raise
         self.deleted: list[str] = []
+        self.refund_meta: list[dict[str, Any]] = []
         self.stall_after_landing = 0  # the next n charges land, then answer too late
         self.load()
 
@@ -90,9 +91,11 @@ def make_server(payments: Payments) -> FastMCP:
         return made
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=True))
-    def refund(charge_id: str) -> str:
+    def refund(charge_id: str, ctx: Context[Any, Any, Any]) -> str:
         """Refund a charge."""
         payments.load()
+        extra = (ctx.request_context.meta.model_extra or {}) if ctx.request_context.meta else {}
+        payments.refund_meta.append(dict(extra))
         payments.refunds.append(charge_id)
         payments.save()
         return f"refunded {charge_id}"

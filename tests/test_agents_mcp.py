@@ -84,12 +84,20 @@ async def test_an_unclassified_tool_is_refused_and_never_reaches_the_server(
         status, shown = await run_agent(
             f"sqlite:///{tmp_path / 'a.db'}",
             tools,
-            [Turn(tool_calls=[Call("c1", "delete_customer", {"customer": "ada"})])],
+            [
+                Turn(
+                    tool_calls=[
+                        Call("c1", "delete_customer", {"customer": "ada"}),
+                        Call("c2", "charge", {"customer": "ada"}),
+                    ]
+                )
+            ],
         )
     assert status is storno.RunStatus.COMPLETED
-    assert payments.deleted == []
-    answer = next(m for m in shown if m.get("role") == "tool")["content"]
-    assert "refused, nothing ran: 'delete_customer' is not classified" in answer["error"]
+    assert payments.deleted == [] and payments.keys_seen == []
+    answers = {m["tool_call_id"]: m["content"] for m in shown if m.get("role") == "tool"}
+    assert "refused, nothing ran: 'delete_customer' is not classified" in answers["c1"]["error"]
+    assert "bad arguments for 'charge'" in answers["c2"]["error"]  # the server's schema
     assert tools.get("delete_customer") is not None and tools.steps()  # seen, not runnable
 
 
@@ -168,6 +176,10 @@ async def test_a_later_failure_refunds_through_the_servers_tool_in_reverse(
         )
     assert status is storno.RunStatus.COMPENSATED
     assert payments.refunds == ["ch-2", "ch-1"]
+    first, second = payments.charges  # keys, in the order charged
+    assert [m["storno/forward_key"] for m in payments.refund_meta] == [second, first]
+    own = {m["storno/idempotency_key"] for m in payments.refund_meta}
+    assert len(own) == 2 and not own & {first, second}  # a compensation has a key of its own
     answers = {m["tool_call_id"]: m["content"] for m in shown if m.get("role") == "tool"}
     assert answers["c3"] == 1000 - 42  # the read, unwrapped from FastMCP's {"result": ...}
 
