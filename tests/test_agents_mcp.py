@@ -261,3 +261,41 @@ async def test_over_stdio_with_the_server_in_a_subprocess(tmp_path: Path) -> Non
     after = Payments(ledger)
     assert len(after.charges) == 1 and after.keys_seen[0] == after.keys_seen[1]
     assert after.refunds == ["ch-1"]
+
+
+async def test_a_worker_dying_after_the_charge_landed_resends_it_under_the_same_key(
+    tmp_path: Path,
+) -> None:
+    from storno.testing import FaultInjector, restart_worker
+
+    payments = Payments()
+    model = agents.ScriptedModel(
+        [
+            Turn(tool_calls=[Call("c1", "charge", {"customer": "ada", "amount": 30})]),
+            Turn(text="done"),
+        ]
+    )
+    async with in_memory(payments) as session:
+        tools = agents.ToolRegistry()
+        await storno_mcp.register(tools, lambda: session, classification())
+
+        @storno.saga(name="mcp_crash_agent")
+        async def agent(ctx: storno.SagaContext, prompt: str) -> str:
+            return await agents.run_agent(ctx, model, tools, prompt)
+
+        url = f"sqlite:///{tmp_path / 'a.db'}"
+        with FaultInjector() as faults:
+            faults.crash("charge", when="after_call")
+            async with storno.Storno(url, sagas=[agent], steps=tools.steps()) as app:
+                worker = app.worker(worker_id="w1", poll_interval=0.05)
+                await worker.start()
+                handle = await app.start(agent, "pay")
+                await faults.wait_for_crash()
+                worker = await restart_worker(worker)
+                assert await handle.result(timeout=10) == "done"
+                await worker.stop()
+                info = await handle.describe()
+    step = next(s for s in info.steps if s.name == "charge")
+    assert payments.keys_seen == [step.idempotency_key, step.idempotency_key]
+    assert list(payments.charges) == [step.idempotency_key]  # landed once
+    assert model.calls == 2  # the decision to charge was not asked for again
