@@ -250,7 +250,10 @@ def create_server(
         async with app.worker(**(worker_options or {})):
             yield
 
-    server: FastMCP[Any] = FastMCP(name, instructions=_INSTRUCTIONS, lifespan=lifespan)
+    # FastMCP configures logging where nothing did yet; WARNING keeps a line per request out.
+    server: FastMCP[Any] = FastMCP(
+        name, instructions=_INSTRUCTIONS, lifespan=lifespan, log_level="WARNING"
+    )
     table: Sequence[tuple[Any, ToolAnnotations]] = (
         (tools.list_sagas, _READ),
         (tools.start_saga, _WRITE),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -51,6 +52,7 @@ def mcp(
 
     tokens = TokenStore.from_sources(files=tokens_files)
     configure_logging("text")  # to stderr
+    logging.getLogger("mcp").setLevel(logging.WARNING)  # not a line per request
     app = app_for(app_ref, url)
     server = create_server(
         app, tokens=tokens, worker=run_worker, worker_options={"concurrency": concurrency}
