@@ -306,3 +306,58 @@ async def test_the_middleware_outside_a_saga_says_where_it_belongs() -> None:
     agent = create_agent(model, middleware=[storno_lc.StornoMiddleware(shop.tools)])
     with pytest.raises(storno.ConfigurationError, match="inside a saga body"):
         await agent.ainvoke({"messages": [("user", "hello")]})
+
+
+async def test_with_a_checkpointer_a_replay_starts_from_the_thread_where_the_run_found_it(
+    sqlite_url: str,
+) -> None:
+    """Both at once: LangGraph's checkpointer keeps the conversation of a thread across runs,
+    storno's journal the run. A run resumed after a crash invokes the graph on the checkpoint
+    the thread was at when the run began, not on what the crashed execution left there."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    shop = Shop()
+    model = script(
+        text("hello ada"),  # the first run: one answer
+        calls(("charge_card", {"customer": "ada", "amount": 120}), turn=2),
+        text("charged"),
+    )
+    agent = create_agent(
+        model, middleware=[storno_lc.StornoMiddleware(shop.tools)], checkpointer=InMemorySaver()
+    )
+
+    @storno.saga(name="chat_turn")
+    async def chat_turn(ctx: storno.SagaContext, prompt: str) -> list[str]:
+        thread = {"configurable": {"thread_id": "conversation-1"}}
+        result = await storno_lc.run(ctx, agent, {"messages": [("user", prompt)]}, thread)
+        return [f"{type(m).__name__}: {m.content}" for m in result["messages"]]
+
+    async with shop.app(sqlite_url, chat_turn) as app:
+        with FaultInjector() as faults:
+            faults.crash("charge_card", when="before_call")
+            worker = app.worker(worker_id="w1")
+            await worker.start()
+            first = await app.start(chat_turn, "hi")
+            assert await first.result(timeout=10) == ["HumanMessage: hi", "AIMessage: hello ada"]
+            handle = await app.start(chat_turn, "charge me")
+            await faults.wait_for_crash()
+            worker = await restart_worker(worker)
+            conversation = await handle.result(timeout=10)
+            await worker.stop()
+    assert conversation == [
+        "HumanMessage: hi",
+        "AIMessage: hello ada",
+        "HumanMessage: charge me",
+        "AIMessage: ",
+        "ToolMessage: charge-ada-120",
+        "AIMessage: charged",
+    ]
+    assert shop.log == [("charge_card", 120)] and len(model.seen) == 3
+    # The model's last answer was asked on the conversation as it is, with no repeated input.
+    assert [type(m).__name__ for m in model.seen[2]] == [
+        "HumanMessage",
+        "AIMessage",
+        "HumanMessage",
+        "AIMessage",
+        "ToolMessage",
+    ]

@@ -47,6 +47,7 @@ from langchain_core.messages import (
     messages_to_dict,
 )
 from langchain_core.tools import BaseTool, StructuredTool
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
@@ -238,6 +239,32 @@ class StornoMiddleware(AgentMiddleware[Any, Any, Any]):
         )
 
 
+async def _from_the_start(ctx: SagaContext, agent: Any, config: Any) -> Any:
+    """With a checkpointer and a thread, the graph starts at the checkpoint the thread was at
+    when this run first invoked it (journaled), so a replay does not continue from the state
+    the interrupted execution left in the thread (its input once more on top of it)."""
+    saver = getattr(agent, "checkpointer", None)
+    configurable = dict((config or {}).get("configurable") or {})
+    thread = configurable.get("thread_id")
+    if not isinstance(saver, BaseCheckpointSaver) or thread is None:
+        return config
+    if "checkpoint_id" in configurable:
+        return config  # the caller chose where to start
+
+    async def latest() -> str | None:
+        found = await saver.aget_tuple({"configurable": configurable})
+        return None if found is None else str(found.config["configurable"]["checkpoint_id"])
+
+    start = await ctx.record("langgraph:checkpoint", latest)
+    if await latest() == start:
+        return config  # the first execution, or a replay that had not reached the graph
+    if start is None:
+        # The thread was new to this run: what it holds is the interrupted execution's.
+        await saver.adelete_thread(thread)
+        return config
+    return {**config, "configurable": {**configurable, "checkpoint_id": start}}
+
+
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()  # every caller of the turn sees it; do not log it as lost
@@ -255,6 +282,7 @@ async def run(
     (the saga compensates); a run waiting for a storno approval waits here, durably. A run that
     LangGraph interrupted (``interrupt()``, human in the loop) is refused: inside a saga the
     approval is storno's."""
+    config = await _from_the_start(ctx, agent, config)
     with bind(ctx):
         result: Any = await agent.ainvoke(input, config, **kwargs)
     if isinstance(result, Mapping) and result.get("__interrupt__"):
