@@ -361,3 +361,40 @@ async def test_with_a_checkpointer_a_replay_starts_from_the_thread_where_the_run
         "AIMessage",
         "ToolMessage",
     ]
+
+
+async def test_a_langgraph_interrupt_does_not_stand_in_for_storno_approval(
+    sqlite_url: str,
+) -> None:
+    """LangGraph's human in the loop stops the graph at an interrupt(); inside a saga that would
+    end the body with the agent's work half done and no approval journaled. run() refuses it,
+    and the booking done before it is compensated; the charge never ran."""
+    from langchain.agents.middleware import HumanInTheLoopMiddleware
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    shop = Shop()
+    model = script(
+        calls(("book_slot", {"slot": "09:00"})),
+        calls(("charge_card", {"customer": "ada", "amount": 120}), turn=2),
+        text("done"),
+    )
+    agent = create_agent(
+        model,
+        middleware=[
+            HumanInTheLoopMiddleware(interrupt_on={"charge_card": True}),
+            storno_lc.StornoMiddleware(shop.tools),
+        ],
+        checkpointer=InMemorySaver(),
+    )
+
+    @storno.saga(name="gated")
+    async def gated(ctx: storno.SagaContext, prompt: str) -> str:
+        thread = {"configurable": {"thread_id": ctx.run_id}}
+        result = await storno_lc.run(ctx, agent, {"messages": [("user", prompt)]}, thread)
+        return str(result["messages"][-1].content)
+
+    async with shop.app(sqlite_url, gated) as app, app.worker():
+        handle = await app.start(gated, "book and charge")
+        with pytest.raises(storno.RunCompensatedError, match="interrupt"):
+            await handle.result(timeout=10)
+    assert shop.effects() == [("book_slot", "09:00"), ("cancel_slot", "booking-09:00")]
