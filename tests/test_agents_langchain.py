@@ -8,6 +8,10 @@ built on LangChain's ``GenericFakeChatModel`` (no network), inside a saga on a r
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -196,6 +200,46 @@ async def test_a_crash_between_the_model_answer_and_the_tool_call_replays_the_an
     # The model was told what the engine established, under the model's own call id.
     (told,) = tool_results(model.seen[1])
     assert (told.tool_call_id, told.content) == ("t1-1", "charge-ada-120")
+
+
+@pytest.mark.slow
+def test_a_sigkill_between_the_model_answer_and_the_tool_call_replays_the_answer(
+    tmp_path: Path,
+) -> None:
+    """A real worker process dies by SIGKILL after the model's answer was journaled and before
+    the tool it asked for ran; a new process resumes the run from the journal."""
+    app_file = Path(__file__).with_name("langchain_app.py")
+    db, log = tmp_path / "agent.db", tmp_path / "agent.log"
+    env = {**os.environ, "LANGCHAIN_APP_LOG": str(log)}
+
+    def worker(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(app_file), "--db", str(db), *flags],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    killed = worker("--start", "--kill")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert log.read_text().splitlines() == ["asked 0", "killed"]
+    resumed = worker()
+    assert resumed.returncode == 0, resumed.stderr
+    done = log.read_text().splitlines()
+    # The first turn was not asked again (it would have charged 999); the charge ran once.
+    assert done[:2] == ["asked 0", "killed"]
+    assert [line.split()[:2] for line in done[2:]] == [["charge", "120"], ["asked", "1"]]
+
+    async def outcome() -> storno.RunInfo:
+        async with storno.Storno(f"sqlite:///{db}") as app:
+            return await app.describe("agent-1")
+
+    info = asyncio.run(outcome())
+    assert info.status is storno.RunStatus.COMPLETED
+    (charge,) = info.steps
+    assert done[2].split()[2] == charge.idempotency_key == forward_key("agent-1", 1, "charge_card")
 
 
 async def test_a_write_tool_key_is_structural_the_same_on_a_retry_and_after_a_restart(
