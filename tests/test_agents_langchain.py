@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ class Shop:
         self.log: list[tuple[str, Any]] = []
         self.keys: list[tuple[str, str]] = []
         self.flaky: set[str] = set()
+        self.declined = False  # the card provider declines, after a moment
         tools = self.tools = agents.ToolRegistry()
 
         @tools.read
@@ -113,6 +115,9 @@ class Shop:
         def charge_card(ctx: storno.StepContext, customer: str, amount: int) -> str:
             """Charge the customer's card."""
             self.keys.append(("charge_card", ctx.idempotency_key))
+            if self.declined:
+                time.sleep(0.2)  # long enough for a write run alongside it to land
+                raise storno.TerminalError("card declined")
             self.log.append(("charge_card", amount))
             return f"charge-{customer}-{amount}"
 
@@ -298,6 +303,34 @@ async def test_a_write_that_fails_for_good_compensates_the_writes_done_in_revers
         ("cancel_slot", "booking-09:00"),
     ]
     assert len(model.seen) == 3  # the failure ended the agent: no turn after it
+
+
+async def test_parallel_calls_run_as_the_order_rule_allows_the_sms_waits_for_the_charge(
+    sqlite_url: str,
+) -> None:
+    """One AIMessage asks for book, SMS and charge at once (LangGraph runs the calls side by
+    side) and the charge fails: the SMS, which cannot be undone, never goes out, and the
+    booking is compensated."""
+    shop = Shop()
+    model = script(
+        calls(
+            ("book_slot", {"slot": "09:00"}),
+            ("send_sms", {"to": "ada", "body": "see you at 9"}),
+            ("charge_card", {"customer": "ada", "amount": 120}),
+        ),
+        text("never reached"),
+    )
+    saga = shop.saga(model)
+    shop.declined = True
+    async with shop.app(sqlite_url, saga) as app, app.worker():
+        handle = await app.start(saga, "book, text and charge")
+        with pytest.raises(storno.RunCompensatedError):
+            await handle.result(timeout=10)
+        info = await handle.describe()
+    # The turn ran the writes that can be undone first: the SMS was never even a step.
+    assert [(s.position, s.name) for s in info.steps] == [(1, "book_slot"), (2, "charge_card")]
+    assert ("send_sms", "see you at 9") not in shop.log
+    assert shop.effects() == [("book_slot", "09:00"), ("cancel_slot", "booking-09:00")]
 
 
 async def test_a_refusal_reaches_the_model_as_an_error_tool_message(sqlite_url: str) -> None:
