@@ -26,7 +26,7 @@ EXPECTED = {
 def test_public_names_are_pinned():
     assert set(storno.__all__) == EXPECTED
     assert len(storno.__all__) == len(EXPECTED)
-    submodules = ("annotations", "testing", "server", "agents")
+    submodules = ("annotations", "testing", "server", "agents", "mcp_server")
     # "@py_builtins" and "@pytest_ar": pytest rewrites asserts in packages that ship a plugin.
     public = {n for n in vars(storno) if n[0] not in "_@" and n not in submodules}
     assert public - EXPECTED == set(), "a public name is not in __all__"
@@ -62,9 +62,16 @@ def test_agents_names_are_pinned():
     import storno.agents
 
     assert set(storno.agents.__all__) == AGENTS
-    adapters = ("annotations", "pydantic_ai", "openai_agents", "mcp")
+    adapters = ("annotations", "pydantic_ai", "openai_agents", "langchain", "mcp")
     public = {n for n in vars(storno.agents) if n[0] not in "_@" and n not in adapters}
     assert public - AGENTS == set(), "a public name of storno.agents is not in __all__"
+
+
+def test_mcp_server_names_are_pinned():
+    pytest.importorskip("mcp", reason="storno.mcp_server needs the mcp extra")
+    import storno.mcp_server
+
+    assert storno.mcp_server.__all__ == ["create_server"]
 
 
 def test_every_error_descends_from_one_root():

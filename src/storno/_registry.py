@@ -59,6 +59,11 @@ class Registry:
         return names
 
     @property
+    def steps(self) -> list[Step[..., Any]]:
+        """The registered steps (those a plan may use), in the order they were registered."""
+        return list(self._steps.values())
+
+    @property
     def saga_limits(self) -> dict[str, int]:
         """``max_concurrent`` of the registered sagas that have one, by name."""
         return {n: s.max_concurrent for n, s in self._sagas.items() if s.max_concurrent}

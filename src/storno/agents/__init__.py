@@ -7,9 +7,9 @@ calls it asks for: each write is a step at the run's next position, keyed by the
 position and the tool (never by the model's call id or arguments), refused with a reason the
 model can act on where the order rule forbids it, and approved by an operator where its policy
 asks, bound to its arguments. :func:`run_agent` is a loop of storno's own for any model behind
-a small callable; ``storno.agents.pydantic_ai`` and ``storno.agents.openai_agents`` route those
-frameworks' loops through the same operations, and ``storno.agents.mcp`` registers an MCP
-server's tools as the user classifies them.
+a small callable; ``storno.agents.pydantic_ai``, ``storno.agents.openai_agents`` and
+``storno.agents.langchain`` route those frameworks' loops through the same operations, and
+``storno.agents.mcp`` registers an MCP server's tools as the user classifies them.
 """
 
 from storno.agents._calls import ToolCall, ToolOutcome, call_tool, call_tools, decide
