@@ -6,20 +6,18 @@ a plain loop that calls the model and the tools directly and keeps nothing. The 
 write call is storno's overhead; printed as the median and p99 over runs of several rounds.
 Nothing here is asserted.
 
-    python bench/agent_loop.py [--rounds 5] [--runs 200] [--writes 5] [--synchronous full|normal]
+    python -m bench.agent_loop [--rounds 5] [--runs 200] [--writes 5] [--synchronous full|normal]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import storno
+from bench import write_overhead
 from storno import agents
 
 tools = agents.ToolRegistry()
@@ -80,24 +78,7 @@ async def one_round(folder: Path, args: argparse.Namespace) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--writes", type=int, default=5)
-    parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
-    args = parser.parse_args()
-    medians, p99s = [], []
-    for _ in range(args.rounds):
-        with tempfile.TemporaryDirectory() as tmp:
-            per_call = sorted(asyncio.run(one_round(Path(tmp), args)))
-        medians.append(statistics.median(per_call) * 1000)
-        p99s.append(per_call[int(len(per_call) * 0.99) - 1] * 1000)
-    print(
-        f"storno's overhead per write tool call (SQLite, synchronous={args.synchronous}, "
-        f"{args.writes} writes a run, {args.runs} runs x {args.rounds} rounds): "
-        f"median {statistics.median(medians):.2f} ms (rounds {min(medians):.2f}-"
-        f"{max(medians):.2f}), p99 {statistics.median(p99s):.2f} ms"
-    )
+    write_overhead.main(__doc__ or "", one_round, "")
 
 
 if __name__ == "__main__":

@@ -8,16 +8,13 @@ checkpointer), one with ``StornoMiddleware(registry)`` run through
 each write a step under a lease). The difference per write call is storno's overhead; printed
 as the median and p99 over runs of several rounds. Nothing here is asserted.
 
-    python bench/agents_langchain.py [--rounds 5] [--runs 200] [--writes 5]
+    python -m bench.agents_langchain [--rounds 5] [--runs 200] [--writes 5]
         [--synchronous full|normal]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import statistics
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -30,6 +27,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import StructuredTool
 
 import storno
+from bench import write_overhead
 from storno import agents
 from storno.agents import langchain as storno_lc
 
@@ -100,25 +98,8 @@ async def one_round(folder: Path, args: argparse.Namespace) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--writes", type=int, default=5)
-    parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
-    args = parser.parse_args()
-    medians, p99s = [], []
-    for _ in range(args.rounds):
-        with tempfile.TemporaryDirectory() as tmp:
-            per_call = sorted(asyncio.run(one_round(Path(tmp), args)))
-        medians.append(statistics.median(per_call) * 1000)
-        p99s.append(per_call[int(len(per_call) * 0.99) - 1] * 1000)
-    print(
-        f"storno's overhead per write tool call of a LangChain agent (langchain "
-        f"{version('langchain')}, langgraph {version('langgraph')}, SQLite, "
-        f"synchronous={args.synchronous}, {args.writes} writes a run, {args.runs} runs x "
-        f"{args.rounds} rounds): median {statistics.median(medians):.2f} ms (rounds "
-        f"{min(medians):.2f}-{max(medians):.2f}), p99 {statistics.median(p99s):.2f} ms"
-    )
+    versions = f"langchain {version('langchain')}, langgraph {version('langgraph')}"
+    write_overhead.main(__doc__ or "", one_round, f"of a LangChain agent ({versions})")
 
 
 if __name__ == "__main__":

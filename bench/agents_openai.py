@@ -18,9 +18,6 @@ place of the SDK's ``agents`` package.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from agents import Agent, Runner, function_tool, set_tracing_disabled
 from agents.testing import ScriptedModel, assistant_message, function_call
 
 import storno
+from bench import write_overhead
 from storno import agents
 from storno.agents import openai_agents
 
@@ -91,25 +89,8 @@ async def one_round(folder: Path, args: argparse.Namespace) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--writes", type=int, default=5)
-    parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
-    args = parser.parse_args()
     set_tracing_disabled(True)
-    medians, p99s = [], []
-    for _ in range(args.rounds):
-        with tempfile.TemporaryDirectory() as tmp:
-            per_call = sorted(asyncio.run(one_round(Path(tmp), args)))
-        medians.append(statistics.median(per_call) * 1000)
-        p99s.append(per_call[int(len(per_call) * 0.99) - 1] * 1000)
-    print(
-        f"storno's overhead per write tool call of an OpenAI Agents SDK agent (SQLite, "
-        f"synchronous={args.synchronous}, {args.writes} writes a run, {args.runs} runs x "
-        f"{args.rounds} rounds): median {statistics.median(medians):.2f} ms (rounds "
-        f"{min(medians):.2f}-{max(medians):.2f}), p99 {statistics.median(p99s):.2f} ms"
-    )
+    write_overhead.main(__doc__ or "", one_round, "of an OpenAI Agents SDK agent")
 
 
 if __name__ == "__main__":

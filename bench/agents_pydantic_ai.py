@@ -8,16 +8,13 @@ run through ``storno.agents.pydantic_ai.run(ctx, agent, prompt, tools=registry)`
 is storno's overhead; printed as the median and p99 over runs of several rounds. Nothing here is
 asserted.
 
-    python bench/agents_pydantic_ai.py [--rounds 5] [--runs 200] [--writes 5]
+    python -m bench.agents_pydantic_ai [--rounds 5] [--runs 200] [--writes 5]
         [--synchronous full|normal]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import statistics
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -27,6 +24,7 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCall
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 import storno
+from bench import write_overhead
 from storno import agents
 from storno.agents import pydantic_ai as storno_pai
 
@@ -90,24 +88,10 @@ async def one_round(folder: Path, args: argparse.Namespace) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--writes", type=int, default=5)
-    parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
-    args = parser.parse_args()
-    medians, p99s = [], []
-    for _ in range(args.rounds):
-        with tempfile.TemporaryDirectory() as tmp:
-            per_call = sorted(asyncio.run(one_round(Path(tmp), args)))
-        medians.append(statistics.median(per_call) * 1000)
-        p99s.append(per_call[int(len(per_call) * 0.99) - 1] * 1000)
-    print(
-        f"storno's overhead per write tool call of a Pydantic AI agent (pydantic-ai-slim "
-        f"{version('pydantic-ai-slim')}, SQLite, synchronous={args.synchronous}, "
-        f"{args.writes} writes a run, {args.runs} runs x {args.rounds} rounds): "
-        f"median {statistics.median(medians):.2f} ms (rounds {min(medians):.2f}-"
-        f"{max(medians):.2f}), p99 {statistics.median(p99s):.2f} ms"
+    write_overhead.main(
+        __doc__ or "",
+        one_round,
+        f"of a Pydantic AI agent (pydantic-ai-slim {version('pydantic-ai-slim')})",
     )
 
 
