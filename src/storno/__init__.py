@@ -50,6 +50,7 @@ from storno._plan import Plan, PlanStep, validate_plan
 from storno._saga import Saga, saga
 from storno._views import CompensationInfo, HistoryEvent, RunInfo, StepInfo
 from storno._worker import Worker
+from storno.events import EventMessage, on
 
 __version__ = "0.1.0.dev0"
 
@@ -83,6 +84,9 @@ __all__ = [
     "Plan",
     "PlanStep",
     "validate_plan",
+    # events (the outbox, handlers: storno.events, storno.outbox)
+    "on",
+    "EventMessage",
     # errors
     "StornoError",
     "ConfigurationError",

@@ -43,6 +43,8 @@ from storno._serde import DEFAULT_MAX_PAYLOAD_BYTES, describe, encode
 from storno._store import NewRun, Store, open_store
 from storno._views import RunInfo, describe_run
 from storno._worker import Worker
+from storno.events._consumers import Handler
+from storno.events._protocol import Broker
 
 __all__ = ["DEFAULT_URL", "EventListener", "RunHandle", "Storno"]
 
@@ -85,6 +87,9 @@ class Storno:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         lease_seconds: float | timedelta = 30.0,
         clock: Clock | None = None,
+        broker: Broker | None = None,
+        handlers: Iterable[Handler] = (),
+        relay_options: Mapping[str, Any] | None = None,
     ) -> None:
         env = os.environ.get("STORNO_URL")
         self.url = url or env or DEFAULT_URL
@@ -111,6 +116,13 @@ class Storno:
         )
         self._opened = False
         self.register(*sagas, *steps)
+        # Events: the broker the relay sends the outbox through and the handlers consume from.
+        self.broker = broker
+        self.handlers: list[Handler] = list(handlers)
+        names = [h.name for h in self.handlers]
+        if len(set(names)) != len(names):
+            raise ConfigurationError(f"two handlers share a consumer name: {sorted(names)}")
+        self.relay_options: dict[str, Any] = dict(relay_options or {})
 
     # --- registry ----------------------------------------------------------------------
 
@@ -170,10 +182,21 @@ class Storno:
         concurrency: int = 32,
         poll_interval: float = 0.5,
         worker_id: str | None = None,
+        relay: bool | None = None,
+        consume: bool | None = None,
     ) -> Worker:
-        """A worker for this application; ``async with app.worker():`` runs it alongside."""
+        """A worker for this application; ``async with app.worker():`` runs it alongside.
+
+        With a broker it also relays the outbox (``relay``) and runs the handlers
+        (``consume``); pass ``False`` to leave either to other processes (``storno relay``).
+        """
         return Worker(
-            self, concurrency=concurrency, poll_interval=poll_interval, worker_id=worker_id
+            self,
+            concurrency=concurrency,
+            poll_interval=poll_interval,
+            worker_id=worker_id,
+            relay=relay,
+            consume=consume,
         )
 
     @property
@@ -215,6 +238,27 @@ class Storno:
             start_at = self.clock.now() + saga.start_delay
         return await self._start(saga, text, saga.run_id, saga.timeout, start_at)
 
+    async def start_for_event(
+        self,
+        saga: Saga[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        *,
+        correlation_id: str,
+        cause: dict[str, Any],
+    ) -> RunHandle[Any]:
+        """Start a run an event asked for (a ``storno.on`` handler); returns once the run is
+        recorded, so that the event can be acknowledged."""
+        self.register(saga)
+        text = encode(
+            {"args": list(args), "kwargs": dict(kwargs)},
+            what=f"input of saga {saga.name!r} (from event {cause.get('event_id')})",
+            limit=self.max_payload_bytes,
+        )
+        return await self._start(
+            saga, text, saga.run_id, saga.timeout, correlation_id=correlation_id, cause=cause
+        )
+
     async def start_plan(
         self,
         plan: Plan | Mapping[str, Any] | Sequence[PlanStep | Mapping[str, Any]] | str,
@@ -240,6 +284,9 @@ class Storno:
         run_id: str | None,
         timeout: float | None,
         start_at: float | None = None,
+        *,
+        correlation_id: str | None = None,
+        cause: dict[str, Any] | None = None,
     ) -> RunHandle[Any]:
         run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         now = self.clock.now()
@@ -253,8 +300,20 @@ class Storno:
             data["early_approvals"] = True  # read by approve() in any process, and the waits
         if start_at is not None:
             data["start_at"] = start_at
+        if cause is not None:
+            data["cause"] = cause  # the event that started it (storno.on)
         event = Event(0, EventType.RUN_CREATED, now, None, data, text)
-        new = NewRun(run_id, saga.name, text, now, deadline, event, wake_at=start_at)
+        correlation = check_run_id(saga.correlation_id or correlation_id or run_id)
+        new = NewRun(
+            run_id,
+            saga.name,
+            text,
+            now,
+            deadline,
+            event,
+            wake_at=start_at,
+            correlation_id=None if correlation == run_id else correlation,
+        )
         # A capped saga's runs are always claimed, so that the claim counts them against the
         # limit; others are leased to a local worker as they are created.
         local = start_at is None and not saga.max_concurrent
@@ -338,11 +397,19 @@ class Storno:
         return not delivery.duplicate
 
     async def signal(
-        self, run_id: str, name: str, data: Any = None, *, id: str | None = None
+        self,
+        run_id: str,
+        name: str,
+        data: Any = None,
+        *,
+        id: str | None = None,
+        cause: Mapping[str, Any] | None = None,
     ) -> bool:
         """Send a signal to a run; it is buffered until the run waits for it.
 
         A signal with an ``id`` that was sent before is stored once: returns ``False`` then.
+        ``cause`` names the event that sent it (``storno.on`` handlers set it; the run's
+        history shows it).
         """
         if not name:
             raise ConfigurationError("a signal needs a name")
@@ -352,7 +419,10 @@ class Storno:
                 f"{name!r}; approvals are given with approve() / reject() (operators only)"
             )
         payload = encode(data, what=f"data of signal {name!r}", limit=self.max_payload_bytes)
-        message = InboxMessage(MessageKind.SIGNAL, name, payload, id, {"sent_by": "api"})
+        meta: dict[str, Any] = {"sent_by": "api"}
+        if cause is not None:
+            meta = {"sent_by": "event", "cause": dict(cause)}
+        message = InboxMessage(MessageKind.SIGNAL, name, payload, id, meta)
         return await self._deliver(run_id, message)
 
     async def approve(

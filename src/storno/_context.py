@@ -10,7 +10,7 @@ import asyncio
 import inspect
 import math
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -149,6 +149,20 @@ class SagaContext:
         """Publish a small named value (e.g. ``phase``) that anyone can query while it runs."""
         self._x.publish(name, value)
 
+    def emit(
+        self,
+        topic: str,
+        payload: Any = None,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Announce an event to other services: it goes into the outbox with the run's next
+        commit, and a relay sends it at least once under the returned id (``<run id>/<position>``)
+        so that consumers drop repeats. A replay finds it recorded and emits nothing. Events of
+        one ``key`` are sent in the order they were emitted."""
+        return self._x.emit(topic, payload, key, headers)
+
     def now(self) -> datetime:
         """The current time (UTC), recorded so that a replay sees the same value."""
         value: datetime = self._x.record_value("now", self._x.wall_time)
@@ -234,6 +248,18 @@ class SyncSagaContext:
     def publish(self, name: str, value: Any) -> None:
         """Publish a small named value for queries."""
         self._sync(lambda: self._x.publish(name, value))
+
+    def emit(
+        self,
+        topic: str,
+        payload: Any = None,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Announce an event (see :meth:`SagaContext.emit`)."""
+        event_id: str = self._sync(lambda: self._x.emit(topic, payload, key, headers))
+        return event_id
 
     def now(self) -> datetime:
         value: datetime = self._sync(lambda: self._x.record_value("now", self._x.wall_time))

@@ -36,12 +36,23 @@ from storno._errors import (
 from storno._history import fold
 from storno._inbox import Cancelled, Inbox
 from storno._journal import Birth, Journal
-from storno._model import Event, EventType, InboxMessage, Lease, MessageKind, RunRecord, RunStatus
+from storno._model import (
+    Event,
+    EventType,
+    InboxMessage,
+    Lease,
+    MessageKind,
+    RunRecord,
+    RunStatus,
+    check_event_meta,
+    check_topic,
+)
 from storno._replay import Replay
 from storno._saga import Saga
 from storno._serde import decode, describe, encode
 from storno._steps import ForwardAttempts
 from storno._store import NewRun, RunExistsError, RunUpdate, Store
+from storno._traceids import traceparent
 
 __all__ = ["EngineHost", "RunExecution"]
 
@@ -162,6 +173,31 @@ class RunExecution:
         text = self.encode_value(value, f"ctx.{name}()")
         self.journal.append(EventType.VALUE_RECORDED, position, {"name": name}, text)
         return value
+
+    def emit(self, topic: str, payload: Any, key: str | None, headers: Any) -> str:
+        check_topic(topic)
+        own = check_event_meta(key, headers)
+        position = self.take_position(f"ctx.emit({topic!r})")
+        run_id = self.record.run_id
+        event_id = f"{run_id}/{position}"
+        found, recorded = self.replay.value_at(position, "emit")
+        if found:
+            if recorded != topic:
+                raise self.replay.mismatch(position, f"ctx.emit({topic!r})")
+            return event_id
+        text = self.encode_value(payload, f"payload of event {topic!r}")
+        cause = self.journal.events[0].data.get("cause") or {} if self.journal.events else {}
+        data = {
+            "topic": topic,
+            "event_id": event_id,
+            "key": key,
+            "correlation_id": self.record.correlation_id or run_id,
+            "causation_id": cause.get("event_id"),
+            "traceparent": traceparent(run_id, "emit", position),
+            "headers": own,
+        }
+        self.journal.append(EventType.EVENT_EMITTED, position, data, text)
+        return event_id
 
     async def record_call(self, name: str, make: Callable[[], Any]) -> Any:
         position = self.take_position(f"ctx.record({name!r})")

@@ -22,6 +22,8 @@ POINTS = (
     "compensation.started",
     "compensation.returned",
     "run.ending",  # the run's end (completed, compensated) is about to be recorded
+    "relay.claimed",  # a relay's claim of outbox rows committed; nothing is sent yet
+    "relay.confirmed",  # the broker confirmed a wave; the rows are not marked sent yet
 )
 
 Hook = Callable[[str, dict[str, Any]], None]

@@ -141,6 +141,9 @@ def fold(events: list[Event]) -> Fold:
         if t is EventType.VALUE_RECORDED:
             out.values[p] = (d["name"], event.payload)
             continue
+        if t is EventType.EVENT_EMITTED:  # the topic stands in for the value: replay checks it
+            out.values[p] = ("emit", d["topic"])
+            continue
         if t in _WAIT_EVENTS:
             _fold_wait(out, event)
             continue

@@ -143,6 +143,7 @@ class EventType(enum.StrEnum):
     RUN_CANCELLED = "run_cancelled"
     OPERATOR_ACTION = "operator_action"  # retry or resolve of a dead letter, with actor and note
     APPROVAL_IGNORED = "approval_ignored"  # an approval given before its wait began, not taken
+    EVENT_EMITTED = "event_emitted"  # ctx.emit(): the event went into the outbox with this commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +231,7 @@ class RunRecord:
     parent_run_id: str | None = None
     inbox_seq: int = 0  # number of the newest message in the run's inbox
     state: dict[str, Any] | None = None  # values published with ctx.publish(), for queries
+    correlation_id: str | None = None  # the choreography it belongs to (None: its own run id)
 
 
 def seconds(value: float | timedelta | None, what: str) -> float | None:
@@ -252,6 +254,38 @@ def check_run_id(run_id: str) -> str:
             f"run_id {run_id!r} holds control characters or invalid Unicode; use printable text"
         )
     return run_id
+
+
+_TOPIC = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
+def check_topic(topic: str) -> str:
+    """An event topic every broker takes as a subject or routing key: dot-separated words of
+    letters, digits, ``_`` and ``-`` (no wildcards), at most 200 characters."""
+    if not isinstance(topic, str) or len(topic) > 200 or not _TOPIC.fullmatch(topic):
+        raise ConfigurationError(
+            f"event topic {topic!r} is not dot-separated words of letters, digits, '_' and '-' "
+            f"(like 'payment.charged'), at most 200 characters"
+        )
+    return topic
+
+
+def check_event_meta(key: str | None, headers: Any) -> dict[str, str]:
+    """An event's key and headers checked: the headers as a plain dict."""
+    if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
+        raise ConfigurationError(f"event key must be 1 to 200 characters or None, got {key!r}")
+    out: dict[str, str] = {}
+    for name, value in dict(headers or {}).items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigurationError(f"event header {name!r}: names and values must be str")
+        low = name.lower()
+        if low.startswith(("storno-", "nats-")) or low == "traceparent":
+            raise ConfigurationError(
+                f"event header {name!r} is reserved: storno sets the storno-*, Nats-* and "
+                f"traceparent headers itself"
+            )
+        out[name] = value
+    return out
 
 
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}

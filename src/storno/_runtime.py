@@ -60,6 +60,10 @@ class Runtime(Protocol):
     def publish(self, name: str, value: Any) -> None:
         """Publish a value for queries."""
 
+    def emit(self, topic: str, payload: Any, key: str | None, headers: Any) -> str:
+        """Put an event into the outbox with the run's next commit; its id. A replay finds
+        it recorded and emits nothing."""
+
     def record_value(self, name: str, make: Callable[[], Any]) -> Any:
         """``make()`` the first time, recorded; the recorded value on replay."""
 

@@ -52,6 +52,7 @@ class Saga(Generic[P, R]):
         self.name = name
         self.timeout = timeout
         self.run_id = run_id
+        self.correlation_id: str | None = None
         self.stuck_after = stuck_after
         self.start_at: float | None = None
         self.start_delay: float | None = None
@@ -69,11 +70,13 @@ class Saga(Generic[P, R]):
         start_at: datetime | None = None,
         start_delay: float | timedelta | None = None,
         stuck_after: float | timedelta | None = None,
+        correlation_id: str | None = None,
     ) -> Saga[P, R]:
         """A copy to start with a caller-chosen run id, a deadline (``timeout`` from the
         start), or a scheduled start (``start_at`` an aware datetime, or ``start_delay``).
         ``stuck_after`` overrides how long a run may go without progress before operator
-        tools flag it as stuck.
+        tools flag it as stuck. ``correlation_id`` ties the run into a choreography: its events
+        carry it (else the run's own id), and the dashboard shows the runs that share it.
 
         Starting the same run id again returns the existing run, never a second one.
         """
@@ -97,6 +100,10 @@ class Saga(Generic[P, R]):
             clone.run_id = run_id
         if timeout is not None:
             clone.timeout = seconds(timeout, "timeout")
+        if correlation_id is not None:
+            if not correlation_id or len(correlation_id) > 200:
+                raise ConfigurationError("correlation_id must be 1 to 200 characters")
+            clone.correlation_id = correlation_id
         if stuck_after is not None:
             clone.stuck_after = seconds(stuck_after, "stuck_after")
         return clone

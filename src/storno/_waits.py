@@ -281,7 +281,16 @@ async def call_child(x: RunExecution, saga: Saga[..., Any], args: Any, kwargs: A
             event_data["early_approvals"] = True
         first = Event(0, EventType.RUN_CREATED, now, None, event_data, input_text)
         await x.host.start_child(
-            NewRun(child_id, saga.name, input_text, now, None, first, parent_run_id=run_id)
+            NewRun(
+                child_id,
+                saga.name,
+                input_text,
+                now,
+                None,
+                first,
+                parent_run_id=run_id,
+                correlation_id=x.record.correlation_id or run_id,
+            )
         )
     if state.status == "completed":
         return decode(state.result or "null", what=f"result of child {child_id}")

@@ -25,6 +25,7 @@ from storno._store import NewRun
 if TYPE_CHECKING:
     from storno._app import Storno
     from storno._host import RunHost
+    from storno.events._service import EventService
 
 __all__ = ["Worker", "run_task_name"]
 
@@ -53,6 +54,8 @@ class Worker:
         concurrency: int = 32,
         poll_interval: float = 0.5,
         worker_id: str | None = None,
+        relay: bool | None = None,
+        consume: bool | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
@@ -75,6 +78,15 @@ class Worker:
         self._inheriting = False
         self._next_wake: float | None = None  # earliest wake time of a run suspended here
         self._loops: list[asyncio.Task[None]] = []
+        # Events: with a broker, a worker relays the outbox and runs the app's handlers.
+        has_broker = app.broker is not None
+        self.relays = has_broker if relay is None else relay
+        self.consumes = has_broker and bool(app.handlers) if consume is None else consume
+        if (self.relays or self.consumes) and not has_broker:
+            raise ConfigurationError(
+                "relay=True and consume=True need a broker: Storno(..., broker=NatsBroker(...))"
+            )
+        self._events: EventService | None = None
 
     @property
     def running(self) -> bool:
@@ -106,6 +118,11 @@ class Worker:
             asyncio.create_task(self._claim_loop(), name=f"storno-claim-{self.id}"),
             asyncio.create_task(self._heartbeat_loop(), name=f"storno-heartbeat-{self.id}"),
         ]
+        if self.relays or self.consumes:
+            from storno.events._service import EventService
+
+            self._events = EventService(self.app, relay=self.relays, consume=self.consumes)
+            await self._events.start()
 
     async def run_forever(self) -> None:
         """Start, and work until cancelled (Ctrl-C); then stop cleanly."""
@@ -121,6 +138,9 @@ class Worker:
         if not self._loops:
             return
         self._stopping = True
+        events, self._events = self._events, None
+        if events is not None:
+            await events.stop_consuming()  # no new runs from events while the rest stops
         self._host.detach(self)
         for task in self._loops:
             task.cancel()
@@ -140,6 +160,8 @@ class Worker:
                 await self._host.store.release(self.id, handed_back)
             except StoreError as exc:
                 log.warning("could not hand back %d runs: %s", len(handed_back), exc)
+        if events is not None:
+            await events.stop()  # the relay last: what the runs emitted while stopping goes out
 
     def wake(self) -> None:
         """Claim now instead of at the next poll (a run was started or became due)."""

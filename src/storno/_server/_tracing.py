@@ -15,13 +15,13 @@ signal wait. Each carries ``storno.run_id`` as its correlation id.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from contextvars import ContextVar
 from typing import Any
 
 from storno._definitions import CompensationContext, StepContext
 from storno._model import Event, EventType, RunRecord
+from storno._traceids import span_id, trace_id
 
 __all__ = ["Tracing", "span_id", "trace_headers", "trace_id"]
 
@@ -35,23 +35,6 @@ _ENDS = {
     EventType.RUN_NEEDS_ATTENTION: "needs_attention",
     EventType.RUN_CANCELLED: "cancelled",
 }
-
-
-def _h(*parts: object, bits: int) -> int:
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    value = int.from_bytes(digest[: bits // 8], "big")
-    return value or 1
-
-
-def trace_id(run_id: str) -> int:
-    """The trace id of a run: derived from its root run's id (children share it)."""
-    return _h("storno-trace", run_id.split("/", 1)[0], bits=128)
-
-
-def span_id(run_id: str, what: str = "run", position: int | None = None, attempt: int = 0) -> int:
-    """The span id of a run (``what="run"``) or of one attempt (``"step"``, ``"compensation"``,
-    ``"wait"``, ``"verify"``) at a position."""
-    return _h("storno-span", run_id, what, position, attempt, bits=64)
 
 
 def trace_headers(ctx: StepContext | CompensationContext[Any]) -> dict[str, str]:

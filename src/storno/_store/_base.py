@@ -17,6 +17,7 @@ from storno._model import Event, EventType, InboxMessage, Lease, RunRecord, RunS
 
 if TYPE_CHECKING:
     from storno._store._migrations import SchemaStatus  # a type only: no backend is imported
+    from storno._store._outbox import Outbox
 
 __all__ = [
     "ENDED_STATUSES",
@@ -42,6 +43,7 @@ class NewRun:
     event: Event
     wake_at: float | None = None  # a scheduled start: no worker claims the run before
     parent_run_id: str | None = None
+    correlation_id: str | None = None
 
 
 class RunExistsError(LeaseLostError):
@@ -113,6 +115,7 @@ class Store(abc.ABC):
     """Durable home of runs and their histories. All methods are safe to call concurrently."""
 
     url: str
+    outbox: Outbox  # the transactional outbox in the same database (storno._store._outbox)
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -162,6 +165,11 @@ class Store(abc.ABC):
         self, *, status: RunStatus | Sequence[RunStatus] | None = None, saga: str | None = None
     ) -> int:
         """How many runs :meth:`list_runs` with these filters would list without a limit."""
+
+    @abc.abstractmethod
+    async def correlated(self, correlation_id: str, *, limit: int = 500) -> list[RunRecord]:
+        """The runs of one choreography, oldest first: those carrying ``correlation_id`` and
+        the run whose id it is (the run that began it)."""
 
     async def history(self, run_id: str) -> list[Event]:
         """The run's whole history in order."""

@@ -35,8 +35,10 @@ from storno._store._base import (
 )
 from storno._store._claims import ClaimPlan, ClaimRequest
 from storno._store._migrations import redact
+from storno._store._outbox import emitted_entries
 from storno._store._postgres_connection import PostgresConnection, parse_postgres_url, quote
 from storno._store._postgres_inbox import deliver_in
+from storno._store._postgres_outbox import PostgresOutbox, insert_entries
 from storno._store._postgres_sql import Statements
 from storno._store._rows import (
     EVENT_COLUMNS,
@@ -100,6 +102,13 @@ class PostgresStore(PostgresConnection, Store):
         self._sql = Statements(quote(self.schema), self._notify_sql)
         self._runs, self._events, self._inbox = self._sql.runs, self._sql.events, self._sql.inbox
         self._uncertain: set[tuple[str, int]] = set()  # leases whose last write may have landed
+        self.outbox: PostgresOutbox = PostgresOutbox(
+            self._op,
+            self.schema,
+            f"{quote(self.schema)}.storno_outbox",
+            self._notify_outbox_sql,
+            self.subscribe_outbox,
+        )
 
     def __repr__(self) -> str:
         return f"<PostgresStore {redact(self.url)}>"
@@ -138,6 +147,7 @@ class PostgresStore(PostgresConnection, Store):
             "epoch": 1 if claimed else 0,
             "wake_at": run.wake_at,
             "parent": run.parent_run_id,
+            "correlation": run.correlation_id,
             "wake": repr(run.wake_at) if run.wake_at is not None else "",
             **dict(zip(EVENT_COLUMNS, event_values(run.event), strict=True)),
         }
@@ -207,6 +217,19 @@ class PostgresStore(PostgresConnection, Store):
 
         return await self._op("count_runs", op)
 
+    async def correlated(self, correlation_id: str, *, limit: int = 500) -> list[RunRecord]:
+        sql = (
+            f"SELECT * FROM {self._runs} WHERE correlation_id = %s OR run_id = %s"
+            " ORDER BY created_at, run_id LIMIT %s"
+        )
+
+        async def op(conn: Connection, attempt: int) -> list[RunRecord]:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(sql, (correlation_id, correlation_id, limit))
+            return [run_from_row(r) for r in await cur.fetchall()]
+
+        return await self._op("correlated", op)
+
     async def histories(self, run_ids: Sequence[str]) -> dict[str, list[Event]]:
         ids = list(dict.fromkeys(run_ids))
 
@@ -266,11 +289,12 @@ class PostgresStore(PostgresConnection, Store):
             if update.notify is not None and update.notify_run_id is not None:
                 notify = (update.notify_run_id, update.notify)
         key = (lease.run_id, lease.epoch)
+        emitted = emitted_entries(lease.run_id, events)
 
         async def op(conn: Connection, attempt: int) -> int:
             uncertain = attempt > 0 or key in self._uncertain
             try:
-                if notify is None and create is None:
+                if notify is None and create is None and not emitted:
                     cur = await conn.execute(sql, params)
                     row = await cur.fetchone()
                     if row is None:
@@ -286,6 +310,9 @@ class PostgresStore(PostgresConnection, Store):
                     row = await cur.fetchone()
                     if row is None:
                         raise _Fenced
+                    if emitted:
+                        outbox = self.outbox
+                        await insert_entries(conn, outbox.sql, outbox.notify, emitted)
                     if notify is not None:
                         run_id, message = notify
                         await deliver_in(
@@ -320,6 +347,8 @@ class PostgresStore(PostgresConnection, Store):
                 self._uncertain.add(key)  # the next try must check whether this one landed
             raise
         self._uncertain.discard(key)
+        if emitted:
+            self._fire_outbox()
         return result
 
     async def _landed(self, conn: Connection, run_id: str, events: Sequence[Event]) -> int | None:

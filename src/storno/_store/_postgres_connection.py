@@ -143,12 +143,15 @@ class PostgresConnection:
         self.url = url
         self.conninfo, self.schema, self.pool_size = parse_postgres_url(url)
         self.channel = f"storno:{self.schema}"
+        self.outbox_channel = f"storno_outbox:{self.schema}"
         self._pool: Pool | None = None
         self._callbacks: list[Callable[[], None]] = []
+        self._outbox_callbacks: list[Callable[[], None]] = []
         self._listener: asyncio.Task[None] | None = None
         self._timers: list[float] = []  # wake times announced by other processes (a heap)
         self._timer: asyncio.TimerHandle | None = None
         self._notify_now = self._notify_sql("''")
+        self._notify_outbox_sql = f"pg_notify('{self.outbox_channel}', '')"
 
     # --- connecting and migrating ------------------------------------------------------
 
@@ -273,7 +276,7 @@ class PostgresConnection:
                 f"cannot connect to PostgreSQL at {redact(self.url)}: {str(exc).strip()}"
             ) from exc
         self._pool = pool
-        if self._callbacks:
+        if self._callbacks or self._outbox_callbacks:
             self._start_listener()
 
     async def close(self) -> None:
@@ -315,6 +318,20 @@ class PostgresConnection:
             self._callbacks.append(callback)
         if self._pool is not None:
             self._start_listener()
+
+    def subscribe_outbox(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` in the event loop whenever outbox rows may have been added."""
+        if callback not in self._outbox_callbacks:
+            self._outbox_callbacks.append(callback)
+        if self._pool is not None:
+            self._start_listener()
+
+    def _fire_outbox(self) -> None:
+        for callback in list(self._outbox_callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("an outbox subscriber failed")
 
     def _start_listener(self) -> None:
         if self._listener is None or self._listener.done():
@@ -368,14 +385,20 @@ class PostgresConnection:
         while True:
             try:
                 async with await self._connect() as conn:
-                    await conn.execute(f"LISTEN {quote(self.channel)}")
+                    await conn.execute(
+                        f"LISTEN {quote(self.channel)}; LISTEN {quote(self.outbox_channel)}"
+                    )
                     if not first:
                         self._fire()  # notifications sent while disconnected are lost
+                        self._fire_outbox()
                     first = False
                     delay = 0.1
                     while True:
                         async for notify in conn.notifies(timeout=self.listen_check_seconds):
-                            self._notified(notify.payload)
+                            if notify.channel == self.outbox_channel:
+                                self._fire_outbox()
+                            else:
+                                self._notified(notify.payload)
                         await asyncio.wait_for(conn.execute("SELECT 1"), 10.0)
             except asyncio.CancelledError:
                 raise

@@ -58,6 +58,7 @@ def run_from_row(row: Row) -> RunRecord:
         wake_at=row["wake_at"],
         parent_run_id=row["parent_run_id"],
         inbox_seq=row["inbox_seq"],
+        correlation_id=row["correlation_id"],
         state=json.loads(row["state"]) if row["state"] else None,
     )
 

@@ -28,6 +28,7 @@ from storno._store._base import (
 )
 from storno._store._claims import Batch, ClaimPlan, ClaimRequest
 from storno._store._migrations import SchemaStatus
+from storno._store._outbox import emitted_entries
 from storno._store._rows import (
     event_from_row,
     event_values,
@@ -47,6 +48,7 @@ from storno._store._sqlite_connection import (
     read_status,
     sqlite_error,
 )
+from storno._store._sqlite_outbox import SQLiteOutbox, insert_entries
 from storno._store._sqlite_sql import COUNT_EXECUTING, claim_sql, update_statement
 
 __all__ = ["SQLiteStore", "migrate", "parse_sqlite_url"]
@@ -107,8 +109,8 @@ def _insert_run(
     claimed = claim_for is not None
     row = conn.execute(
         "INSERT INTO storno_runs (run_id, saga, status, input, created_at, updated_at,"
-        " deadline, owner, lease_expires_at, epoch, wake_at, parent_run_id)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+        " deadline, owner, lease_expires_at, epoch, wake_at, parent_run_id, correlation_id)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
         " ON CONFLICT (run_id) DO NOTHING RETURNING *",
         (
             run.run_id,
@@ -123,6 +125,7 @@ def _insert_run(
             1 if claimed else 0,
             run.wake_at,
             run.parent_run_id,
+            run.correlation_id,
         ),
     ).fetchone()
     if row is None:
@@ -152,6 +155,7 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self.outbox: SQLiteOutbox = SQLiteOutbox(self._write, self._read)
 
     async def open(self) -> None:
         if self._writer is not None:
@@ -260,6 +264,17 @@ class SQLiteStore(Store):
         sql = f"SELECT COUNT(*) FROM storno_runs {where}"
         return await self._read(lambda conn: int(conn.execute(sql, params).fetchone()[0]))
 
+    async def correlated(self, correlation_id: str, *, limit: int = 500) -> list[RunRecord]:
+        sql = (
+            "SELECT * FROM storno_runs WHERE correlation_id = ? OR run_id = ?"
+            " ORDER BY created_at, run_id LIMIT ?"
+        )
+
+        def fn(conn: sqlite3.Connection) -> list[RunRecord]:
+            return [run_from_row(r) for r in conn.execute(sql, (correlation_id,) * 2 + (limit,))]
+
+        return await self._read(fn)
+
     async def histories(self, run_ids: Sequence[str]) -> dict[str, list[Event]]:
         ids = list(dict.fromkeys(run_ids))
 
@@ -291,6 +306,7 @@ class SQLiteStore(Store):
         create: NewRun | None = None,
     ) -> int:
         rows = _event_rows(lease.run_id, events)
+        emitted = emitted_entries(lease.run_id, events)
 
         def born(conn: sqlite3.Connection) -> None:
             # A run started here is inserted with its first write (one commit, not two).
@@ -315,11 +331,15 @@ class SQLiteStore(Store):
                 raise lease_lost(lease)
             if rows:
                 conn.executemany(_INSERT_EVENTS, rows)
+            if emitted:
+                insert_entries(conn, emitted)
             if notify is not None:
                 _deliver(conn, notify[0], notify[1], now)
             return int(row[0])
 
         result: int = await self._write(op)
+        if emitted:
+            self.outbox.fire()
         return result
 
     async def deliver(self, run_id: str, message: InboxMessage, *, now: float) -> Delivery | None:

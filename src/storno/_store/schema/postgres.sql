@@ -22,7 +22,8 @@ CREATE TABLE storno_runs (
     wake_at          DOUBLE PRECISION,
     parent_run_id    TEXT,
     inbox_seq        INTEGER NOT NULL DEFAULT 0,
-    state            TEXT
+    state            TEXT,
+    correlation_id   TEXT
 );
 CREATE INDEX storno_runs_by_status ON storno_runs (status, lease_expires_at);
 CREATE INDEX storno_runs_by_created ON storno_runs (created_at);
@@ -30,6 +31,8 @@ CREATE INDEX storno_runs_by_saga ON storno_runs (saga, created_at);
 CREATE INDEX storno_runs_by_wake ON storno_runs (status, wake_at);
 CREATE INDEX storno_runs_by_status_created ON storno_runs (status, created_at);
 CREATE INDEX storno_runs_by_parent ON storno_runs (parent_run_id);
+CREATE INDEX storno_runs_by_correlation ON storno_runs (correlation_id)
+    WHERE correlation_id IS NOT NULL;
 
 -- History: append-only, numbered per run.
 CREATE TABLE storno_events (
@@ -80,3 +83,31 @@ CREATE TRIGGER storno_inbox_no_delete BEFORE DELETE ON storno_inbox
     FOR EACH ROW EXECUTE FUNCTION storno_refuse_change('inbox', 'messages');
 CREATE TRIGGER storno_inbox_no_truncate BEFORE TRUNCATE ON storno_inbox
     FOR EACH STATEMENT EXECUTE FUNCTION storno_refuse_change('inbox', 'messages');
+
+-- The outbox: an event committed with what caused it, sent by a relay once the broker
+-- confirms it. Order is kept per key; a dead row blocks its own key only.
+CREATE TABLE storno_outbox (
+    id               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id         TEXT NOT NULL UNIQUE,
+    topic            TEXT NOT NULL,
+    key              TEXT,
+    payload          TEXT NOT NULL,
+    headers          TEXT NOT NULL,
+    correlation_id   TEXT,
+    causation_id     TEXT,
+    source           TEXT,
+    traceparent      TEXT,
+    run_id           TEXT,
+    created_at       DOUBLE PRECISION NOT NULL,
+    status           TEXT NOT NULL DEFAULT 'pending',
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    available_at     DOUBLE PRECISION NOT NULL,
+    owner            TEXT,
+    token            TEXT,
+    lease_expires_at DOUBLE PRECISION,
+    sent_at          DOUBLE PRECISION,
+    last_error       TEXT
+);
+CREATE INDEX storno_outbox_by_status ON storno_outbox (status, id);
+CREATE INDEX storno_outbox_by_key ON storno_outbox (key, id) WHERE key IS NOT NULL;
+CREATE INDEX storno_outbox_by_sent ON storno_outbox (sent_at) WHERE sent_at IS NOT NULL;
