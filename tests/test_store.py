@@ -70,9 +70,9 @@ def schema(conn: sqlite3.Connection) -> list[tuple[str, str]]:
 
 def test_migrating_is_idempotent_and_versioned(tmp_path: Path):
     conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
-    assert migrate(conn) == 3
+    assert migrate(conn) == 4
     first = schema(conn)
-    assert migrate(conn) == 3
+    assert migrate(conn) == 4
     assert schema(conn) == first
     assert {name for name, _ in first} >= {"storno_runs", "storno_events", "storno_schema"}
     conn.execute("INSERT INTO storno_schema VALUES (99, 0)")

@@ -25,6 +25,7 @@ from storno._store import NewRun
 if TYPE_CHECKING:
     from storno._app import Storno
     from storno._host import RunHost
+    from storno.events._relay import Relay
     from storno.events._service import EventService
 
 __all__ = ["Worker", "run_task_name"]
@@ -91,6 +92,11 @@ class Worker:
     @property
     def running(self) -> bool:
         return bool(self._loops) and not self._stopping
+
+    @property
+    def relay(self) -> Relay | None:
+        """The outbox relay this worker runs (with a broker, once started), else ``None``."""
+        return self._events.relay if self._events is not None else None
 
     @property
     def active_runs(self) -> list[str]:
@@ -198,6 +204,7 @@ class Worker:
             run.run_id, run.saga, RunStatus.RUNNING, run.input, run.created_at, run.created_at,
             deadline=run.deadline, owner=self.id,
             lease_expires_at=run.created_at + lease_seconds, epoch=1,
+            parent_run_id=run.parent_run_id, correlation_id=run.correlation_id,
         )  # fmt: skip
         birth = Birth(run)
         self._reserved -= 1

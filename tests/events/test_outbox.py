@@ -101,6 +101,25 @@ async def test_an_event_is_committed_with_the_run_or_not_at_all(db_url: str) -> 
     assert broker.published == []
 
 
+@storno.saga
+async def announce(ctx: storno.SagaContext) -> str:
+    return ctx.emit("thing.happened", {"ok": True})
+
+
+async def test_a_run_started_here_emits_under_its_correlation_id(db_url: str) -> None:
+    broker = MemoryBroker()
+    async with storno.Storno(db_url, sagas=[announce], broker=broker) as app, app.worker():
+        tied = await app.start(announce.options(correlation_id="order-7"))
+        alone = await app.start(announce)
+        await tied.result(timeout=10)
+        await alone.result(timeout=10)
+        await wait_until(lambda: len(broker.published) == 2, what="both sent")
+        runs = await app.store.correlated("order-7")
+    by_run = {m.source: m.correlation_id for m in broker.published}
+    assert by_run == {f"run {tied.run_id}": "order-7", f"run {alone.run_id}": alone.run_id}
+    assert [r.run_id for r in runs] == [tied.run_id]
+
+
 async def _status(app: storno.Storno, run_id: str, status: storno.RunStatus) -> bool:
     return (await app.describe(run_id)).status is status
 
