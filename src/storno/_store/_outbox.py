@@ -200,8 +200,9 @@ class Statements:
             f"SELECT o.id FROM {t} o WHERE o.status = 'pending' AND o.available_at <= ?"
             " AND (o.lease_expires_at IS NULL OR o.lease_expires_at < ?)"
             " AND (o.key IS NULL OR NOT EXISTS ("
-            f"SELECT 1 FROM {t} b WHERE b.key = o.key AND b.id < o.id AND (b.status = 'dead'"
-            " OR (b.status = 'pending' AND (b.available_at > ? OR b.lease_expires_at >= ?)))))"
+            f"SELECT 1 FROM {t} b WHERE b.key = o.key AND b.status IN ('pending', 'dead')"
+            " AND b.id < o.id AND (b.status = 'dead' OR b.available_at > ?"
+            " OR b.lease_expires_at >= ?)))"
             " ORDER BY o.id LIMIT ?) RETURNING *"
         )
         self.failed = p(

@@ -109,5 +109,5 @@ CREATE TABLE storno_outbox (
     last_error       TEXT
 );
 CREATE INDEX storno_outbox_by_status ON storno_outbox (status, id);
-CREATE INDEX storno_outbox_by_key ON storno_outbox (key, id) WHERE key IS NOT NULL;
+CREATE INDEX storno_outbox_by_key ON storno_outbox (key, status, id) WHERE key IS NOT NULL;
 CREATE INDEX storno_outbox_by_sent ON storno_outbox (sent_at) WHERE sent_at IS NOT NULL;
