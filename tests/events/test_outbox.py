@@ -355,3 +355,21 @@ async def _drained(app: storno.Storno) -> bool:
 
 async def _count(url: str, stream: str, n: int) -> bool:
     return len(await stream_messages(url, stream)) >= n
+
+
+@storno.saga
+def announce_sync(ctx: storno.SyncSagaContext, topic: str) -> str:
+    return ctx.emit(topic, {"sync": True}, headers={"x-tenant": "acme"})
+
+
+async def test_a_sync_saga_emits_and_bad_topics_or_headers_are_refused(db_url: str) -> None:
+    broker = MemoryBroker()
+    async with storno.Storno(db_url, sagas=[announce_sync], broker=broker) as app, app.worker():
+        good = await app.start(announce_sync, "plain.sync")
+        assert await good.result(timeout=10) == f"{good.run_id}/0"
+        bad = await app.start(announce_sync, "no spaces allowed")
+        with pytest.raises(storno.RunFailedError, match="is not dot-separated words"):
+            await bad.result(timeout=10)
+        await wait_until(lambda: len(broker.published) == 1, what="the good event sent")
+    [message] = broker.published
+    assert message.headers == {"x-tenant": "acme"} and message.data == {"sync": True}
