@@ -26,7 +26,7 @@ EXPECTED = {
 def test_public_names_are_pinned():
     assert set(storno.__all__) == EXPECTED
     assert len(storno.__all__) == len(EXPECTED)
-    submodules = ("annotations", "testing", "server", "agents", "mcp_server")
+    submodules = ("annotations", "testing", "server", "agents", "mcp_server", "events")
     # "@py_builtins" and "@pytest_ar": pytest rewrites asserts in packages that ship a plugin.
     public = {n for n in vars(storno) if n[0] not in "_@" and n not in submodules}
     assert public - EXPECTED == set(), "a public name is not in __all__"
