@@ -10,6 +10,11 @@ it is not, the PostgreSQL variants skip and say why). ``--require-postgres`` (or
 ``STORNO_TEST_REQUIRE_POSTGRES=1``; CI sets it) turns every skipped PostgreSQL test into a
 failure, so a missing server cannot pass unnoticed. Tests marked ``postgres`` need the server
 by nature; tests marked ``sqlite_only`` look inside the SQLite file and run on SQLite only.
+
+Message brokers likewise: tests marked ``nats`` or ``rabbitmq`` read their server from
+``$STORNO_TEST_NATS_URL`` / ``$STORNO_TEST_RABBITMQ_URL`` through :func:`broker_url` and skip,
+saying which variable is missing, where it is unset; ``--require-brokers`` (or
+``STORNO_TEST_REQUIRE_BROKERS=1``; CI sets it) turns those skips into failures.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ _SKIP_NO_URL = (
     f"it is not set"
 )
 
+BROKER_ENVS = {"nats": "STORNO_TEST_NATS_URL", "rabbitmq": "STORNO_TEST_RABBITMQ_URL"}
+_BROKER_NAMES = {"nats": "NATS", "rabbitmq": "RabbitMQ"}
+_BROKER_EXAMPLES = {
+    "nats": "nats://127.0.0.1:4222",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
+}
+
 # SQLite-only tests in modules that do not mark them: they open the SQLite file by its path.
 
 
@@ -50,6 +62,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         default=os.environ.get("STORNO_TEST_REQUIRE_POSTGRES", "") not in ("", "0"),
         help=f"Fail, rather than skip, PostgreSQL tests when ${POSTGRES_ENV} is unset.",
+    )
+    group.addoption(
+        "--require-brokers",
+        action="store_true",
+        default=os.environ.get("STORNO_TEST_REQUIRE_BROKERS", "") not in ("", "0"),
+        help="Fail, rather than skip, NATS and RabbitMQ tests when "
+        + " or ".join(f"${env}" for env in BROKER_ENVS.values())
+        + " is unset (env STORNO_TEST_REQUIRE_BROKERS=1).",
     )
 
 
@@ -103,6 +123,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 _postgres_passed = 0
+_brokers_passed = dict.fromkeys(BROKER_ENVS, 0)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -110,22 +131,42 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     global _postgres_passed
     outcome = yield
     report = outcome.get_result()
-    if item.get_closest_marker("postgres") is None:
-        return
-    if report.when == "call" and report.passed:
-        _postgres_passed += 1
-    if report.skipped and item.config.getoption("--require-postgres"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.outcome = "failed"
-        report.longrepr = f"PostgreSQL test skipped under --require-postgres: {reason}"
+    if item.get_closest_marker("postgres") is not None:
+        if report.when == "call" and report.passed:
+            _postgres_passed += 1
+        if report.skipped and item.config.getoption("--require-postgres"):
+            _fail_skipped(report, "PostgreSQL test skipped under --require-postgres")
+    for kind in BROKER_ENVS:
+        if item.get_closest_marker(kind) is None:
+            continue
+        if report.when == "call" and report.passed:
+            _brokers_passed[kind] += 1
+        if report.skipped and item.config.getoption("--require-brokers"):
+            _fail_skipped(report, f"{_BROKER_NAMES[kind]} test skipped under --require-brokers")
+
+
+def _fail_skipped(report: pytest.TestReport, why: str) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+    report.outcome = "failed"
+    report.longrepr = f"{why}: {reason}"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ran = session.testscollected - session.testsfailed > 0
+    missing = []
     if session.config.getoption("--require-postgres") and ran and not _postgres_passed:
+        missing.append("--require-postgres: no PostgreSQL test passed in this session")
+    if session.config.getoption("--require-brokers") and ran:
+        missing += [
+            f"--require-brokers: no {_BROKER_NAMES[kind]} test passed in this session"
+            for kind, passed in _brokers_passed.items()
+            if not passed
+        ]
+    if missing:
         writer = session.config.get_terminal_writer()
         writer.line()
-        writer.line("--require-postgres: no PostgreSQL test passed in this session", red=True)
+        for line in missing:
+            writer.line(line, red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -134,6 +175,19 @@ def postgres_url() -> str:
     url = os.environ.get(POSTGRES_ENV, "").strip()
     if not url:
         pytest.skip(_SKIP_NO_URL)
+    return url
+
+
+def broker_url(kind: str) -> str:
+    """The test server of a broker (``"nats"`` or ``"rabbitmq"``), from ``BROKER_ENVS``; skips
+    the test, naming the variable, where it is unset. Mark such a test ``nats`` / ``rabbitmq``
+    so that ``--require-brokers`` turns the skip into a failure."""
+    env = BROKER_ENVS[kind]
+    url = os.environ.get(env, "").strip()
+    if not url:
+        pytest.skip(
+            f"{_BROKER_NAMES[kind]} tests need {env} (e.g. {_BROKER_EXAMPLES[kind]}); it is not set"
+        )
     return url
 
 
