@@ -53,12 +53,11 @@ def test_the_choreographed_booking_undoes_each_participants_work(tmp_path: Path)
     } <= set(lines)
 
 
+@pytest.mark.nats
 def test_the_choreographed_booking_over_nats(tmp_path: Path) -> None:
-    import os
+    from conftest import broker_url
 
-    url = os.environ.get("STORNO_TEST_NATS_URL")
-    if not url:
-        pytest.skip("the NATS run of the example needs STORNO_TEST_NATS_URL; it is not set")
+    url = broker_url("nats")
     done = run(str(ROOT / "examples" / "choreography.py"), "sqlite:///c.db", "--nats", url,
                "--ok", cwd=tmp_path)  # fmt: skip
     try:

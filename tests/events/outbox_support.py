@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -13,15 +12,13 @@ from typing import Any
 
 import pytest
 
-NATS_ENV = "STORNO_TEST_NATS_URL"
-RABBITMQ_ENV = "STORNO_TEST_RABBITMQ_URL"
-
 
 def nats_url() -> str:
-    url = os.environ.get(NATS_ENV)
-    if not url:
-        pytest.skip(f"NATS tests need {NATS_ENV} (e.g. nats://127.0.0.1:4222); it is not set")
-    return url
+    """The test NATS server (skips, naming the variable, where it is unset; mark the test
+    ``nats`` so that ``--require-brokers`` fails instead)."""
+    from conftest import broker_url
+
+    return broker_url("nats")
 
 
 @asynccontextmanager

@@ -20,7 +20,7 @@ import storno
 import storno.outbox
 
 APP = Path(__file__).with_name("events_app.py")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.nats]
 
 
 def _env() -> dict[str, str]:

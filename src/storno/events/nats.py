@@ -23,7 +23,7 @@ from nats.js import JetStreamContext, api
 
 from storno.events._protocol import EventMessage
 
-__all__ = ["NatsBroker", "NatsReceived", "NatsSubscription"]
+__all__ = ["MessageTooLargeError", "NatsBroker", "NatsReceived", "NatsSubscription"]
 
 log = logging.getLogger("storno.events.nats")
 
@@ -31,6 +31,10 @@ _NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_-]+")
 _STREAM_NAME_IN_USE = 10058  # JetStream's error code: the stream exists with another config
 _FETCH_WAIT = 1.0  # seconds a pull request lingers on the server when nothing is there
 _RETRY_PAUSE = 1.0  # after a fetch failed for another reason than "nothing yet"
+
+
+class MessageTooLargeError(ValueError):
+    """A message the stream or server would refuse for its size: a refusal, not an outage."""
 
 
 class NatsBroker:
@@ -84,6 +88,7 @@ class NatsBroker:
         self.connect_options = dict(connect_options or {})
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._max_msg_size = -1  # the stream's limit, read at connect (-1: none)
         self._subscriptions: set[NatsSubscription] = set()
 
     def subject(self, topic: str) -> str:
@@ -121,6 +126,10 @@ class NatsBroker:
         try:
             if self.ensure_stream:
                 await self._ensure_stream(js)
+            else:
+                with contextlib.suppress(Exception):  # the limit is then found out the hard way
+                    info = await js.stream_info(self.stream)
+                    self._max_msg_size = info.config.max_msg_size or -1
         except BaseException:
             await nc.close()
             raise
@@ -128,7 +137,8 @@ class NatsBroker:
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         try:
-            await js.stream_info(self.stream)
+            info = await js.stream_info(self.stream)
+            self._max_msg_size = info.config.max_msg_size or -1
             return
         except nats.js.errors.NotFoundError:
             pass
@@ -167,6 +177,9 @@ class NatsBroker:
     ) -> BaseException | None:
         headers = message.wire_headers()
         headers["Nats-Msg-Id"] = message.event_id
+        too_large = self._too_large(message, headers)
+        if too_large is not None:
+            return too_large
         try:
             async with asyncio.timeout(self.publish_timeout):
                 pending = await js.publish_async(
@@ -184,6 +197,20 @@ class NatsBroker:
             )
         except Exception as exc:
             return exc
+        return None
+
+    def _too_large(self, message: EventMessage, headers: Mapping[str, str]) -> BaseException | None:
+        """A message over the server's or the stream's size limit, refused before it is sent:
+        the server answers such a publish with a status nats-py hands to its error callback,
+        not to the publish, which would then look like an outage and be retried forever."""
+        size = len(message.payload.encode()) + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        limits = [n for n in (self._max_msg_size, getattr(self._nc, "max_payload", 0)) if n > 0]
+        if limits and size > min(limits):
+            return MessageTooLargeError(
+                f"event {message.event_id} is {size} bytes with its headers; the NATS "
+                f"{'stream' if min(limits) == self._max_msg_size else 'server'} takes at most "
+                f"{min(limits)}"
+            )
         return None
 
     async def subscribe(self, consumer: str, topics: Sequence[str]) -> NatsSubscription:
