@@ -1,8 +1,8 @@
 """Processes for the event tests: an emitter the crash tests SIGKILL, and the three
 participants of a choreographed booking (slot, payment, notification) over NATS JetStream.
 
-    python events_app.py emitter --db URL --nats URL --stream S --prefix P --runs N
-        [--crash-at relay.claimed|relay.confirmed]
+    python events_app.py emitter --db URL (--nats URL --prefix P | --rabbitmq URL) --stream S
+        --runs N [--crash-at relay.claimed|relay.confirmed]
     python events_app.py participant --role slot|payment|notification --db URL --nats URL
         --stream S --prefix P --ledger PATH
 
@@ -39,9 +39,17 @@ async def announce(ctx: storno.SagaContext, n: int) -> str:
     return ctx.emit("thing.happened", {"n": n}, key=f"k{n % 5}")
 
 
-async def emitter(args: argparse.Namespace) -> None:
+def emitter_broker(args: argparse.Namespace) -> Any:
+    if args.rabbitmq:
+        from storno.events.rabbitmq import RabbitBroker
+
+        return RabbitBroker(args.rabbitmq, exchange=args.stream)
     from storno.events.nats import NatsBroker
 
+    return NatsBroker(args.nats, stream=args.stream, subject_prefix=args.prefix)
+
+
+async def emitter(args: argparse.Namespace) -> None:
     if args.crash_at:
 
         def hook(name: str, details: dict[str, Any]) -> None:
@@ -51,7 +59,7 @@ async def emitter(args: argparse.Namespace) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         _faults.set_hook(hook)
-    broker = NatsBroker(args.nats, stream=args.stream, subject_prefix=args.prefix)
+    broker = emitter_broker(args)
     async with storno.Storno(args.db, sagas=[announce], broker=broker) as app:
         async with app.worker(relay=False):  # runs first: their rows wait in the outbox
             handles = [
@@ -205,9 +213,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["emitter", "participant"])
     parser.add_argument("--db", required=True)
-    parser.add_argument("--nats", required=True)
+    parser.add_argument("--nats")
+    parser.add_argument("--rabbitmq", help="the emitter's broker is RabbitMQ (--stream: exchange)")
     parser.add_argument("--stream", required=True)
-    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--prefix", default="")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--crash-at", choices=["relay.claimed", "relay.confirmed"])
     parser.add_argument("--role", choices=sorted(ROLES))

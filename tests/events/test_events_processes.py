@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,10 @@ def _env() -> dict[str, str]:
 
 
 def _emitter(db_url: str, url: str, stream: str, prefix: str, *extra: str) -> Any:
+    nats = ["--nats", url, "--prefix", prefix] if url else []
     return subprocess.run(
-        [sys.executable, str(APP), "emitter", "--db", db_url, "--nats", url, "--stream", stream,
-         "--prefix", prefix, "--runs", "10", *extra],
+        [sys.executable, str(APP), "emitter", "--db", db_url, *nats, "--stream", stream,
+         "--runs", "10", *extra],
         env=_env(), capture_output=True, text=True, timeout=90,
     )  # fmt: skip
 
@@ -68,6 +70,83 @@ async def test_a_relay_killed_around_its_send_loses_and_doubles_nothing(
         assert {r.status for r in rows} == {"sent"}
         if crash_at == "relay.confirmed":
             assert all(r.attempts == 1 for r in rows)
+
+
+@storno.saga
+async def took_note(ctx: storno.SagaContext, n: int) -> int:
+    return n
+
+
+@pytest.mark.rabbitmq
+async def test_a_resend_after_a_confirmed_send_has_its_effect_once(
+    db_url: str, tmp_path: Path
+) -> None:
+    # RabbitMQ keeps both copies (it drops no repeats): the consumer's ids must.
+    from conftest import broker_url
+    from storno.events import EventMessage, start
+    from storno.events.rabbitmq import RabbitBroker
+
+    url = broker_url("rabbitmq")
+    exchange = f"t{uuid.uuid4().hex[:12]}"
+    deliveries: list[str] = []
+
+    @storno.on("thing.happened", name="note_taker")
+    def note(event: EventMessage) -> Any:
+        deliveries.append(event.event_id)
+        return start(took_note, event.data["n"])
+
+    broker = RabbitBroker(url, exchange=exchange)
+    consumer_db = f"sqlite:///{tmp_path / 'consumer.db'}"
+    app = storno.Storno(consumer_db, sagas=[took_note], handlers=[note], broker=broker)
+    try:
+        async with app, app.worker(relay=False):
+            # The queue is bound before anything is published (RabbitMQ drops unroutable events).
+            await wait_until(lambda: _queue_exists(url, broker.queue_name("note_taker")))
+            killed = await asyncio.to_thread(
+                _emitter, db_url, "", exchange, "", "--rabbitmq", url, "--crash-at",
+                "relay.confirmed",
+            )  # fmt: skip
+            assert killed.returncode == -signal.SIGKILL, killed.stderr
+            _expire_claims(db_url)
+            again = await asyncio.to_thread(_emitter, db_url, "", exchange, "", "--rabbitmq", url)
+            assert again.returncode == 0, again.stderr
+            await wait_until(lambda: _ended(app, 10), what="ten runs", timeout=30)
+            await wait_until(lambda: len(deliveries) > 10, what="the resends delivered")
+            runs = await app.list_runs(saga="took_note")
+    finally:
+        await _drop_rabbit(url, exchange, broker.queue_name("note_taker"))
+    assert sorted(r.run_id for r in runs) == sorted(f"e{n}/0@note_taker" for n in range(10))
+    assert len(set(deliveries)) == 10 < len(deliveries)
+
+
+async def _ended(app: storno.Storno, n: int) -> bool:
+    return await app.count_runs(saga="took_note", status=storno.RunStatus.COMPLETED) >= n
+
+
+async def _queue_exists(url: str, queue: str) -> bool:
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, passive=True)
+        return True
+    except aio_pika.exceptions.ChannelClosed:
+        return False
+    finally:
+        await connection.close()
+
+
+async def _drop_rabbit(url: str, exchange: str, queue: str) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+        await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
 
 
 def _expire_claims(db_url: str) -> None:
