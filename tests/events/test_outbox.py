@@ -375,3 +375,36 @@ async def test_a_sync_saga_emits_and_bad_topics_or_headers_are_refused(db_url: s
         await wait_until(lambda: len(broker.published) == 1, what="the good event sent")
     [message] = broker.published
     assert message.headers == {"x-tenant": "acme"} and message.data == {"sync": True}
+
+
+@storno.saga
+async def noted(ctx: storno.SagaContext, value: float) -> float:
+    return value
+
+
+async def test_a_repeat_a_handler_answers_differently_is_dropped_not_retried(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import time as clock
+
+    from storno.events import start
+
+    calls: list[str] = []
+
+    @storno.on("t.moment", name="moments")
+    def moment(event: storno.EventMessage) -> Any:
+        calls.append(event.event_id)
+        return start(noted, clock.time())  # not deterministic: a repeat asks for other input
+
+    broker = MemoryBroker()
+    app = storno.Storno(db_url, sagas=[noted], handlers=[moment], broker=broker)
+    async with app, app.worker(relay=False):
+        message = storno.EventMessage("m-1", "t.moment", "null")
+        await broker.publish([message])
+        await wait_until(lambda: len(calls) == 1, what="the first delivery")
+        with caplog.at_level("INFO", logger="storno.events"):
+            await broker.redeliver(message, "moments")
+            await wait_until(lambda: "handled before" in caplog.text, what="the repeat dropped")
+        runs = await app.list_runs(saga="noted")
+    assert "failed on event" not in caplog.text  # not handed back for another delivery
+    assert len(calls) == 2 and [r.run_id for r in runs] == ["m-1@moments"]

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
-from storno._errors import ConfigurationError, RunNotFoundError, RunStateError
+from storno._errors import ConfigurationError, RunConflictError, RunNotFoundError, RunStateError
 from storno._model import ENDED_STATUSES, check_topic
 from storno._saga import Saga
 from storno.events._protocol import Broker, EventMessage, Received
@@ -167,14 +167,19 @@ async def perform(app: Storno, handler: Handler, message: EventMessage) -> list[
         cause = _cause(message, handler.name)
         if isinstance(answer, Start):
             run_id = handled_run_id(message, handler.name + suffix)
-            handle = await app.start_for_event(
-                answer.saga.options(run_id=run_id),
-                answer.args,
-                answer.kwargs,
-                correlation_id=message.correlation_id or message.event_id,
-                cause=cause,
-            )
-            touched.append(handle.run_id)
+            try:
+                await app.start_for_event(
+                    answer.saga.options(run_id=run_id),
+                    answer.args,
+                    answer.kwargs,
+                    correlation_id=message.correlation_id or message.event_id,
+                    cause=cause,
+                )
+            except RunConflictError as exc:
+                # The event's run exists: the event was handled, by an answer that differed
+                # (a handler that is not deterministic). Delivering it again cannot help.
+                log.warning("event %s: handled before, differently: %s", message.event_id, exc)
+            touched.append(run_id)
             continue
         message_id = f"{message.event_id}@{handler.name}{suffix}"
         if answer.run_id is not None:
