@@ -184,6 +184,12 @@ class Statements:
 
     def __init__(self, table: str, mark: str) -> None:
         self.table = t = table
+        postgres = mark == "%s"
+
+        def least(a: str, b: str) -> str:
+            # The smaller of two ids either of which may be NULL (PostgreSQL's LEAST skips
+            # NULLs; SQLite's two-argument MIN would return NULL).
+            return f"LEAST({a}, {b})" if postgres else f"COALESCE(MIN({a}, {b}), {a}, {b})"
 
         def p(sql: str) -> str:
             return sql.replace("?", mark)
@@ -193,14 +199,20 @@ class Statements:
             f"INSERT INTO {t} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
             " ON CONFLICT (event_id) DO NOTHING"
         )
-        # A row is due when it is pending, its backoff is over, no live claim holds it, and no
-        # older row of its key is unsent: dead, backing off, or claimed by a relay.
+        # A row is due when it is pending, its backoff is over, no live claim holds it, and the
+        # head of its key (its oldest row not yet sent: claims take a key's rows from there,
+        # so it alone can be dead, backing off or claimed) is the row itself or free too.
+        # Looking at the head alone keeps the check to a few index probes per row, however
+        # many rows of the key wait.
+        head = least(
+            f"(SELECT MIN(h.id) FROM {t} h WHERE h.key = o.key AND h.status = 'pending')",
+            f"(SELECT MIN(h.id) FROM {t} h WHERE h.key = o.key AND h.status = 'dead')",
+        )
         self.claim = p(
             f"UPDATE {t} SET owner = ?, token = ?, lease_expires_at = ? WHERE id IN ("
             f"SELECT o.id FROM {t} o WHERE o.status = 'pending' AND o.available_at <= ?"
             " AND (o.lease_expires_at IS NULL OR o.lease_expires_at < ?)"
-            " AND (o.key IS NULL OR NOT EXISTS ("
-            f"SELECT 1 FROM {t} b WHERE b.key = o.key AND b.status IN ('pending', 'dead')"
+            f" AND (o.key IS NULL OR NOT EXISTS (SELECT 1 FROM {t} b WHERE b.id = {head}"
             " AND b.id < o.id AND (b.status = 'dead' OR b.available_at > ?"
             " OR b.lease_expires_at >= ?)))"
             " ORDER BY o.id LIMIT ?) RETURNING *"
