@@ -198,6 +198,7 @@ class Worker:
             run.run_id, run.saga, RunStatus.RUNNING, run.input, run.created_at, run.created_at,
             deadline=run.deadline, owner=self.id,
             lease_expires_at=run.created_at + lease_seconds, epoch=1,
+            parent_run_id=run.parent_run_id, correlation_id=run.correlation_id,
         )  # fmt: skip
         birth = Birth(run)
         self._reserved -= 1
