@@ -175,6 +175,7 @@ class CorrelatedRun:
 
 
 EntryKind = Literal["started", "emitted", "signalled", "ended"]
+_LAST = 1 << 30  # where a run's end sorts among what it did at the same moment: after all
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,8 +276,8 @@ def build_correlation(
             entries.append((s.at, order, s.position if s.position is not None else 0, entry))
         if run.ended_at is not None:
             end = Entry(run.ended_at, rid, saga, "ended", status=info.status.value)
-            entries.append((run.ended_at, order, 1 << 30, end))
-    entries.sort(key=lambda item: item[:3])
+            entries.append((run.ended_at, order, _LAST, end))
+    entries.sort(key=lambda item: item[:3])  # by time; at one moment, by run, then position
     return Correlation(correlation_id, runs, [e for *_, e in entries], truncated)
 
 
