@@ -415,6 +415,11 @@ def test_the_examples_in_docs_cli_md_run(tmp_path: Path) -> None:
     assert "exit code 1" in done.stdout  # storno show no-such-run
     assert "hello ada" in done.stdout  # the run the worker executed
     assert "run " in done.stderr and ": completed" in done.stderr
+    # The events section: a correlation, a dead letter discarded, the relay alone.
+    assert "started by event order-7/0 (order.placed) from run order-7" in done.stdout
+    assert "discarded: event order-7/0@packing/0 (parcel.packed, key order-7)" in done.stdout
+    assert "'order-7/0' (sent)" in done.stderr
+    assert "stopped: 1 sent, 0 refused" in done.stderr
 
 
 # --- the worker's log ----------------------------------------------------------------------

@@ -175,12 +175,14 @@ def serving(
     *,
     token_store: TokenStore | None = None,
     app_options: dict[str, Any] | None = None,
+    extra_sagas: tuple[Any, ...] = (),
     **options: Any,
 ) -> Iterator[Served]:
     """The server on a free loopback port, with a worker, until the block ends."""
     PROVIDER.clear()
     LOST_ANSWER.clear()
-    app = storno.Storno(db_url, sagas=SAGAS, steps=[book_slot, send_sms], **(app_options or {}))
+    sagas = [*SAGAS, *extra_sagas]
+    app = storno.Storno(db_url, sagas=sagas, steps=[book_slot, send_sms], **(app_options or {}))
     options.setdefault("worker", True)
     options.setdefault("worker_options", {"poll_interval": 0.05})
     options.setdefault("stats_ttl", 0)

@@ -2,10 +2,11 @@
 
 Built once from a :class:`~storno._views.RunInfo` (whose steps come from the engine's fold):
 the forward path by position (steps and child runs with their attempts and what each attempt
-went through: failures, unknown outcomes, read-backs, a late return, the give-up; and the
-waits), the compensations in the order they ran, and the run's own events (waits, signals,
-approvals, cancel requests, operator actions) in history order. It says what happened, never
-how to word it: the CLI and the dashboard each word it their way.
+went through: failures, unknown outcomes, read-backs, a late return, the give-up; the waits;
+and the events it emitted), the compensations in the order they ran, and the run's own events
+(waits, signals, approvals, cancel requests, operator actions) in history order, with the
+event that started the run and the events that sent it signals (:mod:`storno._correlation`).
+It says what happened, never how to word it: the CLI and the dashboard each word it their way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from storno._correlation import Cause, Emitted, cause_of, emitted_of
 from storno._history import is_approval_wait
 from storno._model import RunStatus
 from storno._views import HistoryEvent, RunInfo, StepInfo
@@ -84,7 +86,7 @@ class ForwardItem:
     """One forward position: a step or child run with its attempts, or a durable wait."""
 
     position: int
-    kind: str  # step | child | sleep | signal | approval | value (a recorded value)
+    kind: str  # step | child | sleep | signal | approval | value (a recorded value) | emit
     name: str
     status: str  # a step's (see StepInfo); a wait's: waiting | done | timed out
     step: StepInfo | None = None
@@ -101,6 +103,8 @@ class ForwardItem:
     by: str | None = None  # who sent that signal or decided
     subject: Any = None  # what an approval wait asks to approve (a tool and its arguments)
     digest: str | None = None  # the subject's digest: the approval applies to it alone
+    emitted: Emitted | None = None  # the event emitted here (kind emit)
+    cause: Cause | None = None  # the event that sent the signal a wait received
 
     @property
     def duration(self) -> float | None:
@@ -159,6 +163,7 @@ class RunEvent:
     start_at: Any = None  # a scheduled run's start
     subject: Any = None  # what an approval wait asks to approve
     digest: str | None = None  # and its digest
+    cause: Cause | None = None  # the event that started the run or sent the signal
 
 
 @dataclass(slots=True)
@@ -171,11 +176,17 @@ class Timeline:
     compensation_reason: dict[str, Any] | None
     waiting_for: str | None
     awaits_approval: bool
+    cause: Cause | None = None  # the event that started the run (a storno.on handler's)
 
     @property
     def steps(self) -> list[ForwardItem]:
         """The forward positions that are steps or child runs."""
         return [item for item in self.forward if item.step is not None]
+
+    @property
+    def emitted(self) -> list[Emitted]:
+        """The events the run emitted, in the order it emitted them."""
+        return [item.emitted for item in self.forward if item.emitted is not None]
 
 
 _STEP_NOTES: dict[str, NoteKind] = {
@@ -246,6 +257,7 @@ def _run_event(e: HistoryEvent) -> RunEvent:
         start_at=d.get("start_at"),
         subject=d.get("subject"),
         digest=d.get("digest"),
+        cause=cause_of(d) if e.type in ("run_created", "signal_received") else None,
     )
 
 
@@ -351,7 +363,7 @@ def build_timeline(info: RunInfo) -> Timeline:
             w.ended_at = e.at
             w.status = "timed out" if e.type == "signal_timed_out" else "done"
             if e.type == "signal_received":
-                w.value, w.by = e.value, events[-1].by
+                w.value, w.by, w.cause = e.value, events[-1].by, events[-1].cause
         elif note is None:
             continue
         elif e.type.startswith("compensation_"):
@@ -393,6 +405,20 @@ def build_timeline(info: RunInfo) -> Timeline:
         for e in info.history
         if e.type == "value_recorded" and e.position is not None
     )
+    # Events emitted (ctx.emit), at their positions.
+    for e in info.history:
+        if (emitted := emitted_of(e)) is not None:
+            forward.append(
+                ForwardItem(
+                    emitted.position,
+                    "emit",
+                    emitted.topic,
+                    "emitted",
+                    started_at=e.at,
+                    value=emitted.payload,
+                    emitted=emitted,
+                )
+            )
     forward.sort(key=lambda item: item.position)
     # Compensations run last step first: order them as they ran (comps keeps first-seen order).
     ordered = list(comps.values())
@@ -406,7 +432,8 @@ def build_timeline(info: RunInfo) -> Timeline:
             _compensation_attempt(by_number, note)
         c.attempts = sorted(by_number.values(), key=lambda a: a.number)
     waiting_for, awaits_approval = _waiting_for(info, waits)
-    return Timeline(forward, ordered, events, reason, waiting_for, awaits_approval)
+    cause = next((e.cause for e in events if e.kind == "run_created"), None)
+    return Timeline(forward, ordered, events, reason, waiting_for, awaits_approval, cause)
 
 
 def _step_item(step: StepInfo, notes: list[Note], settled: dict[int, str]) -> ForwardItem:

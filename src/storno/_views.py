@@ -129,6 +129,7 @@ class RunInfo:
     state: dict[str, Any] = field(default_factory=dict)
     steps: list[StepInfo] = field(default_factory=list)
     history: list[HistoryEvent] = field(default_factory=list)
+    correlation_id: str | None = None  # the choreography it belongs to (None: its own run id)
 
     def to_json(self, *, with_history: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -144,6 +145,7 @@ class RunInfo:
             "owner": self.owner,
             "wake_at": _iso(self.wake_at),
             "parent_run_id": self.parent_run_id,
+            "correlation_id": self.correlation_id,
             "state": self.state,
             "steps": [s.to_json() for s in self.steps],
         }
@@ -200,4 +202,5 @@ def describe_run(record: RunRecord, events: list[Event] | None = None) -> RunInf
         state=dict(record.state or {}),
         steps=steps,
         history=history,
+        correlation_id=record.correlation_id,
     )

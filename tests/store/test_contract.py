@@ -249,3 +249,30 @@ async def test_a_release_wakes_idle_workers_and_a_renewal_does_not(pg_schema: st
     finally:
         await here.close()
         await elsewhere.close()
+
+
+# --- the outbox as operators read it --------------------------------------------------
+
+
+async def test_outbox_rows_are_counted_by_status_and_found_by_event_id(store: Store) -> None:
+    from storno._store._outbox import OutboxEntry
+
+    def entry(event_id: str, key: str | None) -> OutboxEntry:
+        return OutboxEntry(event_id, "t.x", "1", key, {}, None, None, "test", None, None, 1.0)
+
+    many = [entry(f"e/{n}", f"k{n % 3}") for n in range(600)]  # over SQLite's chunk of ids
+    assert await store.outbox.enqueue(many) == 600
+    rows = await store.outbox.claim("r", "tok", limit=2, now=2.0, lease_seconds=30)
+    dead = rows[0]
+    assert await store.outbox.failed("tok", dead.id, "no", retry_at=2.0, max_attempts=1) == "dead"
+    await store.outbox.sent("tok", [rows[1].id], now=3.0)
+    assert await store.outbox.count() == 600
+    assert await store.outbox.count(status="dead") == 1
+    assert await store.outbox.count(status="sent") == 1
+    assert await store.outbox.count(status="pending") == 598
+    assert await store.outbox.count(status="discarded") == 0
+    wanted = ["e/599", "nope", dead.message.event_id, *(f"e/{n}" for n in range(5, 560))]
+    found = await store.outbox.find(wanted)
+    assert [r.message.event_id for r in found] == [i for i in wanted if i != "nope"]
+    assert found[1].status == "dead" and found[1].last_error == "no"
+    assert await store.outbox.find([]) == []

@@ -5,7 +5,8 @@ Every command takes ``--db URL`` (or ``$STORNO_URL``). Errors storno raises end 
 with ``Error: ...`` and exit code 1; bad options exit with code 2.
 
 This module is only the command group; the commands live in one module per group
-(``_runs``, ``_ops``, ``_db``, ``_serve``, ``_mcp``, ``_demo``), and what they share in ``_common``.
+(``_runs``, ``_ops``, ``_events``, ``_db``, ``_serve``, ``_mcp``, ``_demo``), and what they share in
+``_common``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import click
 
-from storno._cli import _db, _demo, _mcp, _ops, _runs, _serve
+from storno._cli import _db, _demo, _events, _mcp, _ops, _runs, _serve
 from storno._cli._timeline import render_run
 from storno._errors import StornoError
 
@@ -38,6 +39,14 @@ def main() -> None:
     in reverse, and survive crashes."""
 
 
-_COMMANDS = (_demo.demo, *_runs.COMMANDS, *_ops.COMMANDS, _db.db, *_serve.COMMANDS, *_mcp.COMMANDS)
+_COMMANDS = (
+    _demo.demo,
+    *_runs.COMMANDS,
+    *_ops.COMMANDS,
+    *_events.COMMANDS,
+    _db.db,
+    *_serve.COMMANDS,
+    *_mcp.COMMANDS,
+)
 for _command in _COMMANDS:
     main.add_command(_command)

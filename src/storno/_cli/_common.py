@@ -4,9 +4,11 @@ command, loading ``--app`` and pointing it at the command's database, and the ou
 
 from __future__ import annotations
 
+import getpass
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,6 +27,8 @@ __all__ = [
     "log",
     "db_option",
     "url_option",
+    "actor_option",
+    "by_option",
     "duration",
     "opened",
     "load_app",
@@ -58,6 +62,20 @@ def url_option(help: str) -> Callable[[F], F]:
 
 
 db_option = url_option("Database holding the runs, e.g. sqlite:///storno.db.")
+
+
+def _actor() -> str:
+    return os.environ.get("STORNO_ACTOR") or getpass.getuser()
+
+
+def actor_option(help: str) -> Callable[[F], F]:
+    """The operator commands' ``--by`` (default ``$STORNO_ACTOR``, else the login name)."""
+    return click.option(
+        "--by", default=_actor, show_default="$STORNO_ACTOR or the login name", help=help
+    )
+
+
+by_option = actor_option("Who does this; recorded in the run's history.")
 
 
 def duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:

@@ -8,32 +8,18 @@ Every action is journaled in the run's history with who did it and why: ``--by``
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
 
 from storno._app import Storno
-from storno._cli._common import db_option, echo_json, opened, summary, ts
+from storno._cli._common import by_option, db_option, echo_json, opened, summary, ts
 
 __all__ = ["COMMANDS"]
 
 T = TypeVar("T")
-
-
-def _actor() -> str:
-    return os.environ.get("STORNO_ACTOR") or getpass.getuser()
-
-
-_by_option = click.option(
-    "--by",
-    default=_actor,
-    show_default="$STORNO_ACTOR or the login name",
-    help="Who does this; recorded in the run's history.",
-)
 
 
 def _with_app(url: str, action: Callable[[Storno], Awaitable[T]]) -> T:
@@ -79,7 +65,7 @@ def signal(
     help="The digest of what you approve (shown by storno show): refused if the run now asks "
     "for something else.",
 )
-@_by_option
+@by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @db_option
 def approve(
@@ -93,7 +79,7 @@ def approve(
 @click.command(short_help="Reject a run waiting for approval (it compensates).")
 @click.argument("run_id", metavar="RUN")
 @click.option("--reason", required=True, help="Why; recorded with the rejection.")
-@_by_option
+@by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @db_option
 def reject(run_id: str, reason: str, by: str, as_json: bool, url: str) -> None:
@@ -105,7 +91,7 @@ def reject(run_id: str, reason: str, by: str, as_json: bool, url: str) -> None:
 @click.command(short_help="Cancel a run: compensate it and end it cancelled.")
 @click.argument("run_id", metavar="RUN")
 @click.option("--reason", required=True, help="Why; recorded in the run's history.")
-@_by_option
+@by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @db_option
 def cancel(run_id: str, reason: str, by: str, as_json: bool, url: str) -> None:
@@ -134,7 +120,7 @@ def dead_letters(limit: int, as_json: bool, url: str) -> None:
 @click.command(short_help="Retry a run that needs a person.")
 @click.argument("run_id", metavar="RUN")
 @click.option("--note", help="Why it should work now; recorded.")
-@_by_option
+@by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @db_option
 def retry(run_id: str, note: str | None, by: str, as_json: bool, url: str) -> None:
@@ -167,7 +153,7 @@ def _outcomes(values: tuple[str, ...]) -> list[str]:
     "position); recorded. Repeat for several.",
 )
 @click.option("--note", help="What you checked; recorded.")
-@_by_option
+@by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @db_option
 def compensate(
@@ -189,7 +175,7 @@ def compensate(
     type=click.Choice(["completed", "compensated"]),
     help="How the run ended by hand (needs_attention runs only; a dead letter is compensated).",
 )
-@_by_option
+@by_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @db_option
 def resolve(run_id: str, note: str, outcome: str | None, by: str, as_json: bool, url: str) -> None:

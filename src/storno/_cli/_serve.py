@@ -1,5 +1,6 @@
-"""Long-running commands: ``storno worker`` executes runs, ``storno serve`` serves the HTTP
-API, webhooks, the dashboard and metrics (and executes runs with ``--worker``)."""
+"""Long-running commands: ``storno worker`` executes runs, ``storno relay`` sends the outbox
+through the application's broker (and nothing else), ``storno serve`` serves the HTTP API,
+webhooks, the dashboard and metrics (and executes runs with ``--worker``)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from storno._model import (
 from storno._server._logging import configure_logging
 from storno._store._migrations import redact
 from storno._worker import Worker
+from storno.events import Relay
 
 __all__ = ["COMMANDS"]
 
@@ -148,6 +150,67 @@ def worker(
     app = load_app(app_ref)
     point_at(app, app_ref, url)
     asyncio.run(_work(app, concurrency, worker_id, poll_interval))
+
+
+# --- relay -------------------------------------------------------------------------------
+
+
+async def _relay(app: Storno) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    broker = app.broker
+    assert broker is not None
+    async with app:
+        relay = Relay(app.store, broker, clock=app.clock, **app.relay_options)
+        try:
+            await relay.start()
+        except Exception as exc:
+            await relay.stop()
+            raise click.ClickException(
+                f"the relay could not start on broker {broker.name}: {exc}"
+            ) from exc
+        try:
+            log.info("relay %s started on %s (broker %s)", relay.id, redact(app.url), broker.name)
+            await stop.wait()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)  # a second signal ends the process at once
+            log.info("relay %s stopping", relay.id)
+        finally:
+            await relay.stop()  # the batch in hand is finished; claimed rows are handed back
+            await broker.close()
+        c = relay.counts
+        log.info(
+            "relay %s stopped: %d sent, %d refused and to be retried, %d dead letters, %d outages",
+            relay.id,
+            c.sent,
+            c.retried,
+            c.dead,
+            c.outages,
+        )
+
+
+@click.command(short_help="Send the outbox through the app's broker until SIGINT or SIGTERM.")
+@click.option("--app", "app_ref", required=True, metavar="MODULE:ATTR", help="The application.")
+@db_option
+def relay(app_ref: str, url: str) -> None:
+    """Send the outbox's committed events through the application's broker until SIGINT or
+    SIGTERM: the relay only, executing no runs and running no handlers (the workers can then
+    run with app.worker(relay=False)). Any number of relays may share a database.
+
+    MODULE:ATTR names a storno.Storno instance (or a function returning one) whose broker is
+    set. The database is chosen as for `storno worker`.
+    """
+    configure_logging("text")
+    app = load_app(app_ref)
+    if app.broker is None:
+        raise click.ClickException(
+            f"{app_ref} has no broker: storno relay sends the outbox through the application's "
+            f"broker, so give it one (storno.Storno(..., broker=NatsBroker(...)))"
+        )
+    point_at(app, app_ref, url)
+    asyncio.run(_relay(app))
 
 
 # --- serve -------------------------------------------------------------------------------
@@ -302,4 +365,4 @@ def serve(
         sys.exit(1)
 
 
-COMMANDS = (worker, serve)
+COMMANDS = (worker, relay, serve)

@@ -1,6 +1,7 @@
-"""A run's timeline as text, for ``storno show`` and ``storno demo``: its header, the forward
-steps with what each attempt went through, waits and operator actions, then compensations in
-the order they ran. What happened comes from :mod:`storno._timeline`; this module words it."""
+"""A run's timeline as text, for ``storno show`` and ``storno demo``: its header (with the event
+that started it), the forward steps with what each attempt went through and the events it
+emitted, waits and operator actions, then compensations in the order they ran. What happened
+comes from :mod:`storno._timeline`; this module words it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 from storno._cli._common import ts
+from storno._correlation import Cause, Emitted, correlation_of
 from storno._model import COMPENSATION_STATUSES, RunStatus
 from storno._timeline import Note, RunEvent, build_timeline
 from storno._views import RunInfo
 
-__all__ = ["render_run"]
+__all__ = ["cause_text", "emitted_text", "render_run"]
 
 
 def _short(value: Any, width: int = 60) -> str:
@@ -29,6 +31,23 @@ def _err(error: dict[str, Any] | None) -> str:
     error = error or {}
     kind, message = error.get("type", "error"), error.get("message", "")
     return f"{kind}: {message}" if message else str(kind)
+
+
+def cause_text(cause: Cause) -> str:
+    """An event as the cause of a run or a signal: ``event ID (TOPIC) from SOURCE``."""
+    source = f" from {cause.source}" if cause.source else ""
+    return f"event {cause.event_id} ({cause.topic}){source}"
+
+
+def emitted_text(e: Emitted) -> str:
+    """``emitted TOPIC (key K) -> event ID``."""
+    key = f" (key {e.key})" if e.key is not None else ""
+    return f"emitted {e.topic}{key} -> event {e.event_id}"
+
+
+def _received(e: RunEvent) -> str:
+    sender = f" (sent by {cause_text(e.cause)})" if e.cause is not None else ""
+    return f"{_awaited(e)} received: {_short(e.value)}{sender}"
 
 
 def _forward_note(n: Note) -> str | None:
@@ -78,7 +97,7 @@ _EVENT_NOTES: dict[str, Callable[[RunEvent], str]] = {
     "timer_started": lambda e: f"sleep until {ts(e.until or 0.0)} UTC",
     "timer_fired": lambda e: "timer fired",
     "signal_wait_started": lambda e: f"wait for {_awaited(e)}",
-    "signal_received": lambda e: f"{_awaited(e)} received: {_short(e.value)}",
+    "signal_received": _received,
     "signal_timed_out": lambda e: f"{_awaited(e)} timed out",
     "approval_ignored": lambda e: f"approval by {e.by} ignored: given before the wait",
     "cancel_requested": lambda e: f"cancel by {e.by}: {e.reason}",
@@ -95,6 +114,12 @@ def render_run(info: RunInfo) -> list[str]:
     ]
     if info.parent_run_id:
         lines.append(f"  child of run {info.parent_run_id}")
+    timeline = build_timeline(info)
+    if timeline.cause is not None:
+        by = f", handler {timeline.cause.consumer}" if timeline.cause.consumer else ""
+        lines.append(f"  started by {cause_text(timeline.cause)}{by}")
+    if (correlation := correlation_of(info)) is not None:
+        lines.append(f"  correlation {correlation}")
     if info.status is RunStatus.WAITING:
         until = f"until {ts(info.wake_at)} UTC or a message" if info.wake_at else "for a message"
         lines.append(f"  waiting {until}")
@@ -104,14 +129,17 @@ def render_run(info: RunInfo) -> list[str]:
         lines.append(f"  result {_short(info.result, 90)}")
     if info.error:
         lines.append(f"  error  {info.error.get('message') or info.error.get('type')}")
-    timeline = build_timeline(info)
     width = max([len(s.name) for s in info.steps] + [4])
     lines += ["", "forward steps"]
-    if not info.steps:
+    if not info.steps and not timeline.emitted:
         lines.append("  (none yet)")
-    for item in timeline.steps:
+    for item in timeline.forward:
+        if item.emitted is not None:
+            lines.append(f"  #{item.position} {emitted_text(item.emitted)}")
+            continue
         s = item.step
-        assert s is not None
+        if s is None:
+            continue
         state = f"{s.kind:<14} {s.status}"
         lines.append(_row(s.position, s.name, width, state, s.attempts, s.idempotency_key))
         lines += [f"      {text}" for n in item.notes if (text := _forward_note(n)) is not None]

@@ -23,10 +23,12 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from storno import __version__
+from storno._correlation import correlation_of
 from storno._errors import StornoError
 from storno._model import ENDED_STATUSES, UNDOING_STATUSES, MessageKind, RunStatus
 from storno._server._api_common import actor, state_of
 from storno._server._auth import Principal, Role
+from storno._server._dashboard_events import Pages, install_event_pages
 from storno._server._errors import ApiError, from_storno
 from storno._server._guards import run_id_of
 from storno._server._models import check_identifier, check_text
@@ -180,6 +182,18 @@ def install_dashboard(api: FastAPI) -> Any:
             raise ApiError(401, "unauthorized", "sign in with a token")
         return auth
 
+    async def operator_form(request: Request) -> tuple[_Auth, dict[str, str]]:
+        """The signed-in operator and the form posted, once its form token checks out."""
+        auth = reader(request)
+        form = await _form(request)
+        if not state_of(request).tokens.csrf_ok(auth.session, form.get("csrf")):
+            raise ApiError(403, "forbidden", "the form is stale or forged: reload the page")
+        if auth.principal is None or not auth.principal.can_operate:
+            raise ApiError(
+                403, "forbidden", "this needs an operator token; you are signed in read-only"
+            )
+        return auth, form
+
     # --- login ----------------------------------------------------------------------------
 
     @api.get("/ui/login", include_in_schema=False)
@@ -289,15 +303,9 @@ def install_dashboard(api: FastAPI) -> Any:
 
     @api.post("/ui/runs/{run_id:path}/{action}", include_in_schema=False)
     async def run_action(request: Request, run_id: str, action: str) -> Response:
-        auth = reader(request)
+        auth, form = await operator_form(request)
         run_id = run_id_of(run_id)
-        form = await _form(request)
-        if not state_of(request).tokens.csrf_ok(auth.session, form.get("csrf")):
-            raise ApiError(403, "forbidden", "the form is stale or forged: reload the page")
-        if auth.principal is None or not auth.principal.can_operate:
-            raise ApiError(
-                403, "forbidden", "this needs an operator token; you are signed in read-only"
-            )
+        assert auth.principal is not None
         if action not in ACTIONS:
             raise ApiError(404, "not_found", f"no action {action!r}")
         try:
@@ -406,6 +414,7 @@ def install_dashboard(api: FastAPI) -> Any:
                 (e.at, e.kind, text) for e in timeline.events if (text := event_text(e)) is not None
             ],
             stuck_reason=reason,
+            correlation=correlation_of(info),
             messages=messages,
             ended=info.status in ENDED_STATUSES,
             undoing=info.status in UNDOING_STATUSES,
@@ -414,6 +423,7 @@ def install_dashboard(api: FastAPI) -> Any:
             ],
         )
 
+    install_event_pages(api, Pages(render, reader, operator_form))
     return error_page
 
 

@@ -1,7 +1,8 @@
 """Prometheus metrics: counts from the store at scrape time, latencies from run events.
 
-Gauges (``storno_runs``, ``storno_dead_letters``, ``storno_stuck_runs``) are read from the
-store when ``/metrics`` is scraped, so they cover every process sharing the database.
+Gauges (``storno_runs``, ``storno_dead_letters``, ``storno_stuck_runs``, ``storno_outbox_*``)
+are read from the store when ``/metrics`` is scraped, so they cover every process sharing the
+database.
 Histograms and counters come from :class:`EventMetrics`, a listener that sees the runs this
 process executes (run the server with ``--worker``, or add the listener in your workers).
 """
@@ -102,6 +103,12 @@ class EventMetrics:
             ["saga", "signal"],
             registry=r,
         )
+        self.emitted = Counter(
+            "storno_events_emitted",
+            "Events runs emitted (ctx.emit), committed to the outbox with the run.",
+            ["topic"],
+            registry=r,
+        )
         self._started: dict[tuple[str, int, str], float] = {}
         self._names: dict[tuple[str, int], str] = {}
 
@@ -164,6 +171,8 @@ class EventMetrics:
             self.compensation_failures.labels(saga, self._step(run_id, event)).inc()
         elif t is EventType.SIGNAL_RECEIVED:
             self.signals.labels(saga, str(d.get("name", "?"))).inc()
+        elif t is EventType.EVENT_EMITTED:
+            self.emitted.labels(str(d.get("topic", "?"))).inc()
         elif t in _ENDS:
             status = _ENDS[t]
             self.runs_ended.labels(saga, status).inc()
@@ -207,6 +216,21 @@ class Metrics:
             "Seconds since the least recently changed stuck run last changed (0: none).",
             registry=self.registry,
         )
+        self.outbox_pending = Gauge(
+            "storno_outbox_pending",
+            "Events committed to the outbox and not sent yet (dead letters not included).",
+            registry=self.registry,
+        )
+        self.outbox_dead = Gauge(
+            "storno_outbox_dead",
+            "Outbox dead letters: events the broker kept refusing, each blocking its key.",
+            registry=self.registry,
+        )
+        self.outbox_lag = Gauge(
+            "storno_outbox_lag_seconds",
+            "Seconds the oldest unsent outbox event has waited (0: none waits).",
+            registry=self.registry,
+        )
 
     def render(self, snap: Snapshot) -> bytes:
         self.runs.clear()
@@ -218,4 +242,7 @@ class Metrics:
             self.stuck.labels(saga).set(count)
         oldest: Any = min((s.run.updated_at for s in snap.stuck), default=None)
         self.oldest_stuck.set(0 if oldest is None else max(snap.taken_at - oldest, 0))
+        self.outbox_pending.set(snap.outbox.pending)
+        self.outbox_dead.set(snap.outbox.dead)
+        self.outbox_lag.set(snap.outbox.lag(snap.taken_at))
         return generate_latest(self.registry)

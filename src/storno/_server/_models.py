@@ -11,11 +11,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 __all__ = [
     "ApproveRequest",
     "CancelRequest",
+    "CorrelationModel",
     "ErrorBody",
     "ErrorResponse",
     "Health",
     "Identifier",
     "ActionResult",
+    "OutboxActionRequest",
+    "OutboxActionResult",
+    "OutboxList",
     "RejectRequest",
     "ResolveRequest",
     "RetryRequest",
@@ -217,6 +221,9 @@ class RunSummary(BaseModel):
     owner: str | None
     wake_at: str | None
     parent_run_id: str | None
+    correlation_id: str | None = Field(
+        default=None, description="The choreography it belongs to; null: its own run id."
+    )
     state: dict[str, Any]
     stuck: bool = False
 
@@ -276,3 +283,108 @@ class StuckRunModel(RunSummary):
 class StuckList(BaseModel):
     runs: list[StuckRunModel]
     older_than: float | None
+
+
+class OutboxActionRequest(_Body):
+    note: Text | None = Field(default=None, description="Why; logged with the action.")
+    by: Actor | None = Field(default=None, description="Who acts; default the token's name.")
+
+
+class OutboxStatsModel(BaseModel):
+    pending: int = Field(description="Events committed and not sent yet.")
+    dead: int = Field(description="Dead letters: events the broker kept refusing.")
+    oldest_pending_at: str | None
+    lag_seconds: float = Field(description="How long the oldest unsent event has waited.")
+
+
+class OutboxRowModel(BaseModel):
+    id: int
+    event_id: str
+    topic: str
+    key: str | None
+    status: Literal["pending", "sent", "dead", "discarded"]
+    attempts: int
+    created_at: str | None
+    available_at: str | None
+    sent_at: str | None
+    last_error: str | None
+    run_id: str | None = Field(description="The run that emitted it, if a run did.")
+    correlation_id: str | None
+    causation_id: str | None
+    source: str | None
+    payload: Any
+    headers: dict[str, str]
+
+
+class OutboxList(BaseModel):
+    stats: OutboxStatsModel
+    rows: list[OutboxRowModel]
+    status: str | None
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="Offset of the next page; null on the last.")
+
+
+class OutboxActionResult(BaseModel):
+    event_id: str
+    action: Literal["retry", "discard"]
+    by: str
+    row: OutboxRowModel = Field(description="The row after the action.")
+
+
+class CauseModel(BaseModel):
+    event_id: str
+    topic: str
+    source: str | None = Field(description='Who emitted it: "run <id>", or the enqueuer.')
+    source_run_id: str | None
+    consumer: str | None = Field(description="The storno.on handler that took it.")
+    causation_id: str | None
+    emitted_at: str | None
+
+
+class EmittedModel(BaseModel):
+    event_id: str
+    topic: str
+    key: str | None
+    position: int
+    at: str | None
+    payload: Any
+    causation_id: str | None
+    headers: dict[str, str]
+
+
+class EventSignalModel(BaseModel):
+    name: str
+    at: str | None
+    position: int | None
+    cause: CauseModel
+
+
+class CorrelatedRunModel(BaseModel):
+    run: RunSummary
+    cause: CauseModel | None = Field(description="The event that started it, if one did.")
+    emitted: list[EmittedModel]
+    signals: list[EventSignalModel] = Field(description="Signals events sent it, consumed.")
+    ended_at: str | None
+
+
+class CorrelationEntryModel(BaseModel):
+    at: str | None
+    run_id: str
+    saga: str
+    kind: Literal["started", "emitted", "signalled", "ended"]
+    cause: CauseModel | None
+    emitted: EmittedModel | None
+    signal: str | None
+    status: str | None
+    parent_run_id: str | None
+    consumed_by: list[str] = Field(
+        description="Runs here that the emitted event started or signalled."
+    )
+
+
+class CorrelationModel(BaseModel):
+    correlation_id: str
+    runs: list[CorrelatedRunModel] = Field(description="Oldest first.")
+    entries: list[CorrelationEntryModel] = Field(description="One timeline across the runs.")
+    truncated: bool

@@ -1,5 +1,5 @@
 """What the store holds, counted: runs by saga and status, dead letters, stuck runs (found by
-:mod:`storno._stuck`).
+:mod:`storno._stuck`), and how the outbox stands.
 
 The store lists runs page by page (newest first); these helpers walk those pages. Counting
 reads every run's row, so callers cache the result for a few seconds (see
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from storno._app import Storno
 from storno._model import RunStatus
+from storno._store._outbox import OutboxStats
 from storno._stuck import DEFAULT_STUCK_AFTER, StuckRun, run_pages, stuck_reason, threshold_for
 from storno._views import RunInfo
 
@@ -63,6 +64,7 @@ class Snapshot:
     taken_at: float
     by_saga_status: dict[tuple[str, str], int]
     stuck: list[StuckRun]
+    outbox: OutboxStats = field(default_factory=lambda: OutboxStats(0, 0, None))
 
     @property
     def by_status(self) -> dict[str, int]:
@@ -99,7 +101,7 @@ async def take_snapshot(app: Storno, *, default: float = DEFAULT_STUCK_AFTER) ->
                 threshold = threshold_for(app, run.saga, default)
                 stuck.append(StuckRun(run, reason, threshold))
     stuck.sort(key=lambda s: s.run.updated_at)
-    return Snapshot(now, dict(counts), stuck)
+    return Snapshot(now, dict(counts), stuck, await app.store.outbox.stats())
 
 
 @dataclass(slots=True)

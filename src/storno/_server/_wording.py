@@ -1,4 +1,5 @@
-"""How the dashboard words a run's events and superseded give-ups (the run page's text).
+"""How the dashboard words a run's events, the events that caused them, and superseded
+give-ups (the run page's and the correlation page's text).
 
 What happened comes from :mod:`storno._timeline`, the model ``storno show`` draws too.
 """
@@ -7,15 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from storno._correlation import Cause
 from storno._timeline import RunEvent, Superseded
 
-__all__ = ["event_text", "superseded_text"]
+__all__ = ["cause_text", "event_text", "superseded_text"]
+
+
+def cause_text(c: Cause) -> str:
+    """An event as what started a run or sent a signal: ``event ID (TOPIC) from SOURCE``."""
+    source = f" from {c.source}" if c.source else ""
+    return f"event {c.event_id} ({c.topic}){source}"
 
 
 def event_text(e: RunEvent) -> str | None:
     """A run event as the run page lists it, or ``None`` for one it does not list."""
     if e.kind == "run_created":
         when = f", scheduled for {e.start_at}" if e.start_at else ""
+        if e.cause is not None:
+            handler = f", handler {e.cause.consumer}" if e.cause.consumer else ""
+            return f"created by {cause_text(e.cause)}{handler}{when}"
         return f"created{when}"
     if e.kind == "run_resumed":
         return f"resumed from its history by worker {e.worker} (lease #{e.epoch})"
@@ -37,6 +48,8 @@ def event_text(e: RunEvent) -> str | None:
         return "compensation failed: the run is a dead letter"
     if e.kind == "run_needs_attention":
         return "parked: needs attention"
+    if e.kind == "signal_received" and e.cause is not None:
+        return f"signal “{e.name}” sent by {cause_text(e.cause)}"
     if e.kind == "approval_ignored":
         return f"a decision by {e.by} given before the run asked for one was ignored"
     return None

@@ -255,6 +255,13 @@ class Statements:
         where = "WHERE status = ? " if status else ""
         return self._p(f"SELECT * FROM {self.table} {where}ORDER BY id DESC LIMIT ? OFFSET ?")
 
+    def counting(self, status: str | None) -> str:
+        where = " WHERE status = ?" if status else ""
+        return self._p(f"SELECT COUNT(*) FROM {self.table}{where}")
+
+    def finding(self, n: int) -> str:
+        return self.by_event(f"SELECT * FROM {self.table}", n)
+
 
 class Outbox(abc.ABC):
     """The outbox operations of a store (``store.outbox``); safe to call concurrently."""
@@ -294,6 +301,14 @@ class Outbox(abc.ABC):
         self, *, status: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[OutboxRow]:
         """Rows, newest first, optionally of one status."""
+
+    @abc.abstractmethod
+    async def count(self, *, status: str | None = None) -> int:
+        """How many rows :meth:`rows` with this status lists, without its limit."""
+
+    @abc.abstractmethod
+    async def find(self, event_ids: Sequence[str]) -> list[OutboxRow]:
+        """The rows of these event ids (those that exist), in the order of the ids."""
 
     @abc.abstractmethod
     async def retry(self, event_ids: Sequence[str], *, now: float) -> int:

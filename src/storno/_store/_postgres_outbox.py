@@ -151,6 +151,32 @@ class PostgresOutbox(Outbox):
         rows: list[OutboxRow] = await self._op("outbox rows", op)
         return rows
 
+    async def count(self, *, status: str | None = None) -> int:
+        sql, params = self.sql.counting(status), () if status is None else (status,)
+
+        async def op(conn: Connection, attempt: int) -> int:
+            cur = await conn.execute(sql, params)
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+        count: int = await self._op("outbox count", op)
+        return count
+
+    async def find(self, event_ids: Sequence[str]) -> list[OutboxRow]:
+        ids = list(dict.fromkeys(event_ids))
+        if not ids:
+            return []
+        sql = f"SELECT * FROM {self.sql.table} WHERE event_id = ANY(%s)"
+
+        async def op(conn: Connection, attempt: int) -> list[OutboxRow]:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(sql, (ids,))
+                found = {(row := _entry(r)).message.event_id: row for r in await cur.fetchall()}
+            return [found[i] for i in ids if i in found]
+
+        rows: list[OutboxRow] = await self._op("outbox find", op)
+        return rows
+
     async def retry(self, event_ids: Sequence[str], *, now: float) -> int:
         sql = self.sql.by_event(self.sql.retry, len(event_ids), " AND status = 'dead'")
         return await self._change("outbox retry", sql, (now, *event_ids), len(event_ids) > 0)

@@ -115,6 +115,26 @@ class SQLiteOutbox(Outbox):
         rows: list[OutboxRow] = await self._read(fn)
         return rows
 
+    async def count(self, *, status: str | None = None) -> int:
+        sql, params = SQL.counting(status), () if status is None else (status,)
+        count: int = await self._read(lambda conn: int(conn.execute(sql, params).fetchone()[0]))
+        return count
+
+    async def find(self, event_ids: Sequence[str]) -> list[OutboxRow]:
+        ids = list(dict.fromkeys(event_ids))
+
+        def fn(conn: sqlite3.Connection) -> list[OutboxRow]:
+            found: dict[str, OutboxRow] = {}
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                for r in conn.execute(SQL.finding(len(chunk)), chunk):
+                    row = _entry(r)
+                    found[row.message.event_id] = row
+            return [found[i] for i in ids if i in found]
+
+        rows: list[OutboxRow] = await self._read(fn)
+        return rows
+
     async def retry(self, event_ids: Sequence[str], *, now: float) -> int:
         sql = SQL.by_event(SQL.retry, len(event_ids), " AND status = 'dead'")
         return await self._change(sql, (now, *event_ids), bool(event_ids), wake=True)
