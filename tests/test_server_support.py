@@ -375,3 +375,20 @@ def test_text_logs_escape_control_characters_so_no_line_can_be_forged() -> None:
     assert "step=s\\n2030" in lines[0] and "run_id=r\\n1" in lines[0]
     assert lines[1].endswith("argument x\\n2030-01-01 00:00:00,000 INFO storno ok")
     assert all(line.startswith("    ") for line in lines[3:])  # the traceback, indented
+
+
+def test_the_event_log_names_an_emitted_event_by_topic_and_id(caplog):
+    import logging
+
+    from storno._model import Event, EventType, RunRecord, RunStatus
+    from storno._server._logging import EventLog
+
+    record = RunRecord("r1", "book", RunStatus.RUNNING, "{}", 0.0, 0.0)
+    data = {"topic": "slot.held", "event_id": "r1/2", "key": "A7"}
+    with caplog.at_level("INFO", logger="test.emitted"):
+        EventLog(logging.getLogger("test.emitted"))(
+            record, [Event(4, EventType.EVENT_EMITTED, 0.0, 2, data, "{}")]
+        )
+    [line] = caplog.records
+    assert line.getMessage() == "event emitted: slot.held as r1/2"
+    assert line.step == "emit:slot.held"

@@ -402,7 +402,7 @@ async def test_a_repeat_a_handler_answers_differently_is_dropped_not_retried(
         message = storno.EventMessage("m-1", "t.moment", "null")
         await broker.publish([message])
         await wait_until(lambda: len(calls) == 1, what="the first delivery")
-        with caplog.at_level("INFO", logger="storno.events"):
+        with caplog.at_level("INFO", logger="storno.handlers"):
             await broker.redeliver(message, "moments")
             await wait_until(lambda: "handled before" in caplog.text, what="the repeat dropped")
         runs = await app.list_runs(saga="noted")

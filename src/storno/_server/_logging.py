@@ -146,6 +146,7 @@ _MESSAGES: dict[EventType, str] = {
     EventType.RUN_CANCELLED: "run cancelled",
     EventType.OPERATOR_ACTION: "operator action",
     EventType.VALUE_RECORDED: "value recorded",
+    EventType.EVENT_EMITTED: "event emitted",
 }
 _WARN = {
     EventType.ATTEMPT_FAILED,
@@ -218,6 +219,9 @@ class EventLog:
             message = f"{message}: {error['message']}"
         elif event.type is EventType.OPERATOR_ACTION:
             message = f"{message}: {d.get('action')} by {d.get('by')}"
+        elif event.type is EventType.EVENT_EMITTED:
+            message = f"{message}: {d.get('topic')} as {d.get('event_id')}"
+            fields["step"] = f"emit:{d.get('topic')}"
         if self.values and event.payload is not None:
             fields["value"] = event.payload[:500]
         self.log.log(level, message, extra=fields)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Handler", "Signal", "Start", "consume", "handled_run_id", "on", "signal", "start"]
 
-log = logging.getLogger("storno.events")
+log = logging.getLogger("storno.handlers")  # "storno.events" is the run events' log
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EventService"]
 
-log = logging.getLogger("storno.events")
+log = logging.getLogger("storno.handlers")
 
 
 class EventService:
