@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from events_app import MARKER
-from outbox_support import nats_stream, stream_messages, wait_until
 
 import storno
 import storno.outbox
+from events_app import MARKER
+from outbox_support import nats_stream, stream_messages, wait_until
 
 APP = Path(__file__).with_name("events_app.py")
 pytestmark = [pytest.mark.slow, pytest.mark.nats]

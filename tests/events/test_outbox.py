@@ -8,10 +8,10 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import pytest
-from outbox_support import nats_stream, raw_insert, sqlite_path, stream_messages, wait_until
 
 import storno
 import storno.outbox
+from outbox_support import nats_stream, raw_insert, sqlite_path, stream_messages, wait_until
 from storno._model import RetryPolicy
 from storno._store import open_store
 from storno.events import MemoryBroker, Relay
