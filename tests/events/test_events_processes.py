@@ -17,10 +17,10 @@ import pytest
 
 import storno
 import storno.outbox
-from events_app import MARKER
+from event_processes_app import MARKER
 from outbox_support import nats_stream, stream_messages, wait_until
 
-APP = Path(__file__).with_name("events_app.py")
+APP = Path(__file__).with_name("event_processes_app.py")
 pytestmark = [pytest.mark.slow, pytest.mark.nats]
 
 

@@ -1,9 +1,9 @@
 """Processes for the event tests: an emitter the crash tests SIGKILL, and the three
 participants of a choreographed booking (slot, payment, notification) over NATS JetStream.
 
-    python events_app.py emitter --db URL (--nats URL --prefix P | --rabbitmq URL) --stream S
-        --runs N [--crash-at relay.claimed|relay.confirmed]
-    python events_app.py participant --role slot|payment|notification --db URL --nats URL
+    python event_processes_app.py emitter --db URL (--nats URL --prefix P | --rabbitmq URL)
+        --stream S --runs N [--crash-at relay.claimed|relay.confirmed]
+    python event_processes_app.py participant --role slot|payment|notification --db URL --nats URL
         --stream S --prefix P --ledger PATH
 
 The emitter starts N runs that each emit one event (ids ``e0``..), relays them and exits 0
