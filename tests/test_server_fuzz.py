@@ -38,8 +38,8 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 from test_server_support import OPERATOR_TOKEN, serving  # noqa: E402
 
-EXAMPLES = 12  # per operation and mode
-SCENARIOS = 150  # stateful sequences of calls
+EXAMPLES = 10  # per operation and mode
+SCENARIOS = 100  # stateful sequences of calls
 STEPS = 8  # calls per sequence, at most
 HEADERS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 
