@@ -7,7 +7,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from storno.events._consumers import consume
+from storno.events._consumers import Handler, consume
 from storno.events._relay import Relay
 
 if TYPE_CHECKING:
@@ -44,10 +44,8 @@ class EventService:
                     asyncio.create_task(self._run(handler), name=f"storno-consume-{handler.name}")
                 )
 
-    async def _run(self, handler: object) -> None:
-        from storno.events._consumers import Handler
-
-        assert isinstance(handler, Handler)
+    async def _run(self, handler: Handler) -> None:
+        """Consume for one handler; a subscription that fails is made again, with backoff."""
         delay = 0.5
         while not self._stopping.is_set():
             try:
