@@ -606,3 +606,24 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
+
+@pytest.mark.postgres
+async def test_the_schema_has_autovacuum_visit_the_runs_and_the_outbox_early(
+    pg_schema: str,
+) -> None:
+    async with storno.Storno(pg_schema):
+        pass
+    rows = await asyncio.to_thread(
+        pg_execute,
+        pg_schema,
+        "SELECT c.relname, c.reloptions FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname IN "
+        "('storno_runs', 'storno_outbox') ORDER BY c.relname",
+        (_schema(pg_schema),),
+    )
+    options = {name: set(opts or ()) for name, opts in rows}
+    assert {"autovacuum_vacuum_scale_factor=0.02", "autovacuum_vacuum_cost_delay=0"} <= options[
+        "storno_runs"
+    ]
+    assert "autovacuum_analyze_scale_factor=0.02" in options["storno_outbox"]

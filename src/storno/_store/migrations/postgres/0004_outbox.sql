@@ -34,3 +34,7 @@ CREATE INDEX storno_outbox_by_sent ON storno_outbox (sent_at) WHERE sent_at IS N
 -- claim's plan sees how many rows wait and dead row versions do not pile up.
 ALTER TABLE storno_outbox SET (autovacuum_vacuum_scale_factor = 0.02,
     autovacuum_analyze_scale_factor = 0.02);
+-- A run's row is rewritten a few times in its life (claimed, parked, ended): dead versions in
+-- the status indexes slow the claim, so autovacuum visits the runs table early too.
+ALTER TABLE storno_runs SET (autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
