@@ -307,3 +307,28 @@ async def test_a_stale_lease_cannot_write(app: storno.Storno):
     with pytest.raises(storno.LeaseLostError):
         await app.store.write(zombie, [], None, now=app.clock.now(), lease_seconds=30)
     assert await handle.status() is storno.RunStatus.RUNNING
+
+
+async def test_an_emit_whose_topic_changed_under_the_run_parks_it(db_url: str):
+    calls: list[tuple[str, str]] = []
+    a, b, _c = ledger_steps(calls)
+
+    @storno.saga(name="announcing")
+    async def v1(ctx: storno.SagaContext) -> None:
+        ctx.emit("slot.held", {"n": 1})
+        await ctx.step(a, "x")
+        await ctx.step(b, "x")
+
+    @storno.saga(name="announcing")
+    async def v2(ctx: storno.SagaContext) -> None:
+        ctx.emit("slot.reserved", {"n": 1})  # the code changed the topic of a sent event
+        await ctx.step(a, "x")
+        await ctx.step(b, "x")
+
+    info, outcome = await crash_and_resume(
+        db_url, [v1], v1, (), "step.returned", resume_with=[v2], step="b"
+    )
+    assert isinstance(outcome, storno.NeedsAttentionError)
+    assert "ctx.emit('slot.reserved')" in str(outcome)
+    emitted = [e for e in info.history if e.type == EventType.EVENT_EMITTED.value]
+    assert len(emitted) == 1  # the recorded event stays; nothing new was emitted
