@@ -229,7 +229,10 @@ class Statements:
             " MIN(CASE WHEN status = 'pending' THEN created_at END)"
             f" FROM {t} WHERE status IN ('pending', 'dead')"
         )
+        # Operators' changes of dead rows, completed by by_event(): retried with a fresh budget,
+        # or given up (counted as sent for pruning, unblocking the key).
         self.retry = f"UPDATE {t} SET status = 'pending', attempts = 0, available_at = ?"
+        self.discard = f"UPDATE {t} SET status = 'discarded', sent_at = ?"
         self.prune = p(
             f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE sent_at IS NOT NULL"
             " AND sent_at < ? ORDER BY sent_at LIMIT ?)"
@@ -248,8 +251,11 @@ class Statements:
         """``sql`` (one of the ``... AND`` prefixes) followed by ``id IN (...)`` for ``n``."""
         return self._p(f"{sql} id IN ({', '.join('?' * n)})")
 
-    def by_event(self, sql: str, n: int, extra: str = "") -> str:
-        return self._p(f"{sql} WHERE event_id IN ({', '.join('?' * n)}){extra}")
+    def by_event(self, sql: str, n: int, *, dead_only: bool = True) -> str:
+        """``sql`` (``retry`` or ``discard``) for the dead rows among ``n`` event ids (any
+        row, without ``dead_only``)."""
+        dead = " AND status = 'dead'" if dead_only else ""
+        return self._p(f"{sql} WHERE event_id IN ({', '.join('?' * n)}){dead}")
 
     def listing(self, status: str | None) -> str:
         where = "WHERE status = ? " if status else ""
@@ -260,7 +266,7 @@ class Statements:
         return self._p(f"SELECT COUNT(*) FROM {self.table}{where}")
 
     def finding(self, n: int) -> str:
-        return self.by_event(f"SELECT * FROM {self.table}", n)
+        return self.by_event(f"SELECT * FROM {self.table}", n, dead_only=False)
 
 
 class Outbox(abc.ABC):

@@ -178,15 +178,11 @@ class PostgresOutbox(Outbox):
         return rows
 
     async def retry(self, event_ids: Sequence[str], *, now: float) -> int:
-        sql = self.sql.by_event(self.sql.retry, len(event_ids), " AND status = 'dead'")
+        sql = self.sql.by_event(self.sql.retry, len(event_ids))
         return await self._change("outbox retry", sql, (now, *event_ids), len(event_ids) > 0)
 
     async def discard(self, event_ids: Sequence[str], *, now: float) -> int:
-        sql = self.sql.by_event(
-            f"UPDATE {self.sql.table} SET status = 'discarded', sent_at = %s",
-            len(event_ids),
-            " AND status = 'dead'",
-        )
+        sql = self.sql.by_event(self.sql.discard, len(event_ids))
         return await self._change("outbox discard", sql, (now, *event_ids), len(event_ids) > 0)
 
     async def prune(self, *, before: float, limit: int = 1000) -> int:

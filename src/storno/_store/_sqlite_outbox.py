@@ -136,15 +136,11 @@ class SQLiteOutbox(Outbox):
         return rows
 
     async def retry(self, event_ids: Sequence[str], *, now: float) -> int:
-        sql = SQL.by_event(SQL.retry, len(event_ids), " AND status = 'dead'")
+        sql = SQL.by_event(SQL.retry, len(event_ids))
         return await self._change(sql, (now, *event_ids), bool(event_ids), wake=True)
 
     async def discard(self, event_ids: Sequence[str], *, now: float) -> int:
-        sql = SQL.by_event(
-            f"UPDATE {SQL.table} SET status = 'discarded', sent_at = ?",
-            len(event_ids),
-            " AND status = 'dead'",
-        )
+        sql = SQL.by_event(SQL.discard, len(event_ids))
         return await self._change(sql, (now, *event_ids), bool(event_ids), wake=True)
 
     async def prune(self, *, before: float, limit: int = 1000) -> int:

@@ -203,8 +203,8 @@ class Relay:
         outbox = self.store.outbox
         by_key: dict[object, list[OutboxRow]] = {}
         for row in rows:  # rows come oldest first; a row with no key is a key of its own
-            by_key.setdefault(row.message.key if row.message.key is not None else row.id, [])
-            by_key[row.message.key if row.message.key is not None else row.id].append(row)
+            key = row.message.key if row.message.key is not None else row.id
+            by_key.setdefault(key, []).append(row)
         queues = list(by_key.values())
         confirmed: list[int] = []
         untried: list[int] = []
