@@ -1,4 +1,5 @@
-"""The API's runs: health, listing, starting runs and plans, published values, one run."""
+"""The API's runs: health, listing, starting runs and plans, waiting for a run's result,
+published values, one run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from storno import __version__
 from storno._errors import ConfigurationError, RunNotFoundError
-from storno._model import RunStatus
+from storno._handle import RunHandle
+from storno._model import ENDED_STATUSES, RunRecord, RunStatus
 from storno._plan import PLAN_SAGA_NAME
 from storno._server._api_common import (
     AUTH,
@@ -27,10 +29,12 @@ from storno._server._api_common import (
 )
 from storno._server._errors import ApiError
 from storno._server._models import (
+    MAX_WAIT,
     Health,
     QueryResult,
     RunDetail,
     RunList,
+    RunResult,
     StartPlanRequest,
     StartResult,
     StartRunRequest,
@@ -38,6 +42,7 @@ from storno._server._models import (
 )
 from storno._server._state import ServerState
 from storno._server._stats import filtered_runs
+from storno._views import describe_run
 
 __all__ = ["detail_router", "router"]
 
@@ -47,7 +52,7 @@ detail_router = APIRouter()
 
 _STARTED: dict[int | str, dict[str, Any]] = {
     200: {"model": StartResult, "description": "The run id existed: that run, unchanged"},
-    **error_responses(401, 403, 409),
+    **error_responses(401, 403, 409, 429),
 }
 
 
@@ -147,12 +152,38 @@ async def start_run(
     options = saga.options(
         run_id=body.run_id, timeout=body.timeout, start_at=start_at, start_delay=body.start_delay
     )
-    existed = body.run_id is not None and await app.store.get_run(body.run_id) is not None
-    handle = await app.start(options, *body.args, **body.kwargs)
-    info = await app.describe(handle.run_id)
+    if body.wait:
+        # The slot is taken before the start: a refused request changes nothing.
+        with server.waiters.hold():
+            handle = await app.start(options, *body.args, **body.kwargs)
+            record = await handle.wait(body.wait)
+    else:
+        handle = await app.start(options, *body.args, **body.kwargs)
+        record = await _record_of(handle)
+    return _started(server, response, handle, record)
+
+
+async def _record_of(handle: RunHandle[Any]) -> RunRecord:
+    """The run as it stands after its start: the one found under its id, else read back."""
+    if handle.existing is not None:
+        return handle.existing
+    record = await handle.app.store.get_run(handle.run_id)
+    if record is None:
+        raise RunNotFoundError(handle.run_id)
+    return record
+
+
+def _started(
+    server: ServerState, response: Response, handle: RunHandle[Any], record: RunRecord
+) -> dict[str, Any]:
     server.stats.invalidate()
+    existed = handle.existing is not None
     response.status_code = 200 if existed else 201
-    return {"run": summary(info), "created": not existed}
+    return {
+        "run": summary(describe_run(record)),
+        "created": not existed,
+        "ended": record.status in ENDED_STATUSES,
+    }
 
 
 @router.post(
@@ -167,13 +198,42 @@ async def start_plan(
 ) -> dict[str, Any]:
     """Validate a plan (a saga as data) against the registered steps and start it."""
     server = state_of(request)
-    app = server.app
-    existed = body.run_id is not None and await app.store.get_run(body.run_id) is not None
-    handle = await app.start_plan(body.plan, run_id=body.run_id, timeout=body.timeout)
-    info = await app.describe(handle.run_id)
-    server.stats.invalidate()
-    response.status_code = 200 if existed else 201
-    return {"run": summary(info), "created": not existed}
+    handle = await server.app.start_plan(body.plan, run_id=body.run_id, timeout=body.timeout)
+    return _started(server, response, handle, await _record_of(handle))
+
+
+@router.get(
+    "/runs/{run_id:path}/result",
+    response_model=RunResult,
+    tags=["runs"],
+    responses=error_responses(*AUTH, 404, 429),
+)
+async def run_result(
+    request: Request,
+    principal: Reader,
+    run_id: str,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0,
+) -> dict[str, Any]:
+    """The run's result, or why it has none. With ``wait`` (seconds, at most 60) the answer
+    comes as soon as the run ends, or when the wait runs out with the run's current status
+    (``ended`` false: the run goes on)."""
+    server = state_of(request)
+    handle = server.app.get_handle(checked_run_id(run_id))
+    if wait > 0:
+        with server.waiters.hold():
+            record = await handle.wait(wait)
+    else:
+        record = await handle.wait(0)
+    info = describe_run(record)
+    ended = record.status in ENDED_STATUSES
+    return {
+        "run_id": info.run_id,
+        "saga": info.saga,
+        "status": info.status.value,
+        "ended": ended,
+        "result": info.result if record.status is RunStatus.COMPLETED else None,
+        "error": info.error if ended else None,
+    }
 
 
 @router.get(
