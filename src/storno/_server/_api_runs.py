@@ -4,11 +4,13 @@ published values, one run."""
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
 
 from storno import __version__
 from storno._errors import ConfigurationError, RunNotFoundError
@@ -49,6 +51,9 @@ __all__ = ["detail_router", "router"]
 router = APIRouter()
 detail_router = APIRouter()
 """``GET /runs/{run_id}``, included after every route with a suffix (its path takes them)."""
+
+_signature = functools.lru_cache(maxsize=1024)(inspect.signature)
+"""A saga function's signature, made once (it is read on every start)."""
 
 _STARTED: dict[int | str, dict[str, Any]] = {
     200: {"model": StartResult, "description": "The run id existed: that run, unchanged"},
@@ -129,16 +134,14 @@ def _saga_for(server: ServerState, name: str) -> Any:
     tags=["runs"],
     responses=_STARTED,
 )
-async def start_run(
-    request: Request, response: Response, principal: Operator, body: StartRunRequest
-) -> dict[str, Any]:
+async def start_run(request: Request, principal: Operator, body: StartRunRequest) -> Response:
     """Start a run of a registered saga. With ``run_id`` the start is idempotent: the same id
     returns the existing run (200), never a second one; another saga or input is a 409."""
     server = state_of(request)
     app = server.app
     saga = _saga_for(server, body.saga)
     try:
-        inspect.signature(saga.fn).bind(None, *body.args, **body.kwargs)
+        _signature(saga.fn).bind(None, *body.args, **body.kwargs)
     except TypeError as exc:
         raise ApiError(
             422, "bad_arguments", f"saga {body.saga!r} cannot take these arguments: {exc}"
@@ -160,7 +163,7 @@ async def start_run(
     else:
         handle = await app.start(options, *body.args, **body.kwargs)
         record = await _record_of(handle)
-    return _started(server, response, handle, record)
+    return _started(server, handle, record)
 
 
 async def _record_of(handle: RunHandle[Any]) -> RunRecord:
@@ -173,17 +176,17 @@ async def _record_of(handle: RunHandle[Any]) -> RunRecord:
     return record
 
 
-def _started(
-    server: ServerState, response: Response, handle: RunHandle[Any], record: RunRecord
-) -> dict[str, Any]:
+def _started(server: ServerState, handle: RunHandle[Any], record: RunRecord) -> Response:
+    """The start's answer, as a response of its own: the body is built from our own types,
+    so FastAPI's validation of it against the model would only cost time."""
     server.stats.invalidate()
     existed = handle.existing is not None
-    response.status_code = 200 if existed else 201
-    return {
+    body = {
         "run": summary(describe_run(record)),
         "created": not existed,
         "ended": record.status in ENDED_STATUSES,
     }
+    return JSONResponse(body, status_code=200 if existed else 201)
 
 
 @router.post(
@@ -193,13 +196,11 @@ def _started(
     tags=["runs"],
     responses=_STARTED,
 )
-async def start_plan(
-    request: Request, response: Response, principal: Operator, body: StartPlanRequest
-) -> dict[str, Any]:
+async def start_plan(request: Request, principal: Operator, body: StartPlanRequest) -> Response:
     """Validate a plan (a saga as data) against the registered steps and start it."""
     server = state_of(request)
     handle = await server.app.start_plan(body.plan, run_id=body.run_id, timeout=body.timeout)
-    return _started(server, response, handle, await _record_of(handle))
+    return _started(server, handle, await _record_of(handle))
 
 
 @router.get(
