@@ -51,6 +51,10 @@ def run(system: str, workload: str, params: dict[str, Any]) -> dict[str, Any]:
         return dict(asyncio.run(module.scale(system, marks, wakeups, limit)))
     if workload == "floor":
         return dict(module.measure(params))
+    if workload == "w4":
+        from bench import w4
+
+        return w4.run(system, params)
     raise ValueError(f"unknown workload {workload!r}")
 
 

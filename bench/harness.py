@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from bench.w4 import UNSUPPORTED as W4_UNSUPPORTED
 
 SYSTEMS = [
     "storno-sqlite",
@@ -34,9 +35,9 @@ SYSTEMS = [
     "temporal-activities",
     "temporal-local",
 ]
-WORKLOADS = ["w1seq", "w1conc", "w2", "w3", "scale", "floor"]
+WORKLOADS = ["w1seq", "w1conc", "w2", "w3", "w4", "scale", "floor"]
 ALIASES = {"w1": ["w1seq", "w1conc"]}
-DEFAULT_WORKLOADS = ["w1seq", "w1conc", "w2", "w3", "floor"]
+DEFAULT_WORKLOADS = ["w1seq", "w1conc", "w2", "w3", "w4", "floor"]
 """Scale parks 100,000 runs per system: asked for by name (``--workloads scale``)."""
 
 COMPARATOR = {
@@ -70,7 +71,14 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("extra_step_bodies", "step bodies run twice", False),
         ("duplicated_effects", "dup. effects at provider", False),
     ],
+    "w4": [
+        ("sagas_per_s", "sagas/s", True),
+        ("p50_ms", "ms start-to-result p50", False),
+        ("p99_ms", "ms start-to-result p99", False),
+    ],
 }
+UNSUPPORTED = {("w4", system): why for system, why in W4_UNSUPPORTED.items()}
+"""Workloads a system cannot run, and why (said in the table instead of a figure)."""
 COUNTS = {"extra_step_bodies", "duplicated_effects"}
 """W3 counts: a ratio of counts (often 0) says nothing; the table gives them side by side."""
 TITLES = {
@@ -78,6 +86,7 @@ TITLES = {
     "w1conc": "W1 4-step saga, 32 in flight",
     "w2": "W2 step 4 fails, 3 compensations",
     "w3": "W3 SIGKILL at half the effects",
+    "w4": "W4 over the network, 32 clients each waiting for its result",
     "scale": "Scale: parked runs",
     "floor": "Storage floor (raw durable commits/s)",
 }
@@ -88,6 +97,7 @@ SIZES = {
         "w1conc": {"n": 2000, "in_flight": 32},
         "w2": {"n": 500},
         "w3": {"n": 200},
+        "w4": {"n": 3000, "clients": 32},
         "scale": {"marks": [1000, 100_000], "wakeups": 1000, "park_limit": 900},
         "floor": {"n": 2000},
     },
@@ -96,6 +106,7 @@ SIZES = {
         "w1conc": {"n": 200, "in_flight": 32, "warmup": 5},
         "w2": {"n": 50, "warmup": 5},
         "w3": {"n": 40},
+        "w4": {"n": 200, "clients": 32, "warmup": 10},
         "scale": {"marks": [200, 1000], "wakeups": 50, "park_limit": 60},
         "floor": {"n": 300},
     },
@@ -307,6 +318,10 @@ def render(results: dict[str, Any]) -> str:
                 rounds = data.get(system, {}).get(workload, [])
                 if system in results["skipped"]:
                     continue
+                if (workload, system) in UNSUPPORTED:
+                    why = UNSUPPORTED[workload, system]
+                    lines.append(f"  {system:{width}} {'-':>9}  not measured: {why}")
+                    continue
                 s = summarize(rounds, key)
                 if s is None:
                     errors = [r.get("error") for r in rounds if "error" in r]
@@ -509,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue  # one scale run per system: it parks 100,000 runs
                     targets = runnable
                 else:
-                    targets = runnable
+                    targets = [s for s in runnable if (workload, s) not in UNSUPPORTED]
                 for system in targets:
                     params = SIZES[size][workload]
                     timeout = args.round_timeout or (3600.0 if workload == "scale" else 900.0)

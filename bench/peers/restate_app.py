@@ -205,6 +205,20 @@ async def w2_seq(system: str, n: int, warmup: int) -> dict[str, Any]:
     return result
 
 
+async def w4(system: str, n: int, clients: int, warmup: int) -> dict[str, Any]:
+    """W4: bench/w4.py's driver calling the ingress, one ``POST /Booking/run`` per saga (the
+    call answers with the saga's result)."""
+    from bench import w4
+
+    async with _running() as (http, _, _):
+
+        async def one() -> Any:
+            return await _call(http, False)
+
+        result = await w4.measure(one, n, clients, warmup)
+    return {**result, "via": "POST /Booking/run on the ingress (one request per saga)"}
+
+
 # --- W3 --------------------------------------------------------------------------------------
 
 

@@ -175,6 +175,37 @@ async def w2_seq(system: str, n: int, warmup: int) -> dict[str, Any]:
     return result
 
 
+async def w4(system: str, n: int, clients: int, warmup: int) -> dict[str, Any]:
+    """W4: bench/w4.py's driver; Temporal's client starts each workflow and awaits its
+    result, and a worker in a process of its own (the W3 worker) executes them."""
+    from bench import w4
+
+    with tempfile.TemporaryDirectory(prefix="bench-temporal-") as tmp:
+        folder = Path(tmp)
+        server = DevServer(folder)
+        queue = f"bench-w4-{uuid.uuid4().hex[:8]}"
+        cmd = [sys.executable, "-m", "bench.worker", "bench.peers.temporal_app", "w3-worker"]
+        cmd += ["--address", server.address, "--task-queue", queue]
+        worker = None
+        try:
+            client = await server.client()
+            worker = common.Gate(cmd, common.child_env(), folder / "worker.log")
+            worker.go()
+            local = _local(system)
+
+            async def one() -> Any:
+                return await client.execute_workflow(
+                    Booking.run, args=[False, local], id=uuid.uuid4().hex, task_queue=queue
+                )
+
+            result = await w4.measure(one, n, clients, warmup)
+        finally:
+            if worker is not None:
+                worker.stop()
+            server.stop()
+    return {**result, "via": "client.execute_workflow (start, then await the result)"}
+
+
 # --- W3 --------------------------------------------------------------------------------------
 
 

@@ -320,7 +320,7 @@ class Storno:
         started = await self.host.start(new, local=local)
         if started.existing is not None:
             self._check_same(started.existing, saga, text)
-        return RunHandle(self, run_id, settled=started.settled)
+        return RunHandle(self, run_id, settled=started.settled, existing=started.existing)
 
     @staticmethod
     def _check_same(record: RunRecord, saga: Saga[..., Any], text: str) -> None:

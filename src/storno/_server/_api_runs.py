@@ -1,17 +1,21 @@
-"""The API's runs: health, listing, starting runs and plans, published values, one run."""
+"""The API's runs: health, listing, starting runs and plans, waiting for a run's result,
+published values, one run."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
 
 from storno import __version__
 from storno._errors import ConfigurationError, RunNotFoundError
-from storno._model import RunStatus
+from storno._handle import RunHandle
+from storno._model import ENDED_STATUSES, RunRecord, RunStatus
 from storno._plan import PLAN_SAGA_NAME
 from storno._server._api_common import (
     AUTH,
@@ -27,10 +31,12 @@ from storno._server._api_common import (
 )
 from storno._server._errors import ApiError
 from storno._server._models import (
+    MAX_WAIT,
     Health,
     QueryResult,
     RunDetail,
     RunList,
+    RunResult,
     StartPlanRequest,
     StartResult,
     StartRunRequest,
@@ -38,6 +44,7 @@ from storno._server._models import (
 )
 from storno._server._state import ServerState
 from storno._server._stats import filtered_runs
+from storno._views import describe_run
 
 __all__ = ["detail_router", "router"]
 
@@ -45,9 +52,12 @@ router = APIRouter()
 detail_router = APIRouter()
 """``GET /runs/{run_id}``, included after every route with a suffix (its path takes them)."""
 
+_signature = functools.lru_cache(maxsize=1024)(inspect.signature)
+"""A saga function's signature, made once (it is read on every start)."""
+
 _STARTED: dict[int | str, dict[str, Any]] = {
     200: {"model": StartResult, "description": "The run id existed: that run, unchanged"},
-    **error_responses(401, 403, 409),
+    **error_responses(401, 403, 409, 429),
 }
 
 
@@ -124,16 +134,14 @@ def _saga_for(server: ServerState, name: str) -> Any:
     tags=["runs"],
     responses=_STARTED,
 )
-async def start_run(
-    request: Request, response: Response, principal: Operator, body: StartRunRequest
-) -> dict[str, Any]:
+async def start_run(request: Request, principal: Operator, body: StartRunRequest) -> Response:
     """Start a run of a registered saga. With ``run_id`` the start is idempotent: the same id
     returns the existing run (200), never a second one; another saga or input is a 409."""
     server = state_of(request)
     app = server.app
     saga = _saga_for(server, body.saga)
     try:
-        inspect.signature(saga.fn).bind(None, *body.args, **body.kwargs)
+        _signature(saga.fn).bind(None, *body.args, **body.kwargs)
     except TypeError as exc:
         raise ApiError(
             422, "bad_arguments", f"saga {body.saga!r} cannot take these arguments: {exc}"
@@ -147,12 +155,38 @@ async def start_run(
     options = saga.options(
         run_id=body.run_id, timeout=body.timeout, start_at=start_at, start_delay=body.start_delay
     )
-    existed = body.run_id is not None and await app.store.get_run(body.run_id) is not None
-    handle = await app.start(options, *body.args, **body.kwargs)
-    info = await app.describe(handle.run_id)
+    if body.wait:
+        # The slot is taken before the start: a refused request changes nothing.
+        with server.waiters.hold():
+            handle = await app.start(options, *body.args, **body.kwargs)
+            record = await handle.wait(body.wait)
+    else:
+        handle = await app.start(options, *body.args, **body.kwargs)
+        record = await _record_of(handle)
+    return _started(server, handle, record)
+
+
+async def _record_of(handle: RunHandle[Any]) -> RunRecord:
+    """The run as it stands after its start: the one found under its id, else read back."""
+    if handle.existing is not None:
+        return handle.existing
+    record = await handle.app.store.get_run(handle.run_id)
+    if record is None:
+        raise RunNotFoundError(handle.run_id)
+    return record
+
+
+def _started(server: ServerState, handle: RunHandle[Any], record: RunRecord) -> Response:
+    """The start's answer, as a response of its own: the body is built from our own types,
+    so FastAPI's validation of it against the model would only cost time."""
     server.stats.invalidate()
-    response.status_code = 200 if existed else 201
-    return {"run": summary(info), "created": not existed}
+    existed = handle.existing is not None
+    body = {
+        "run": summary(describe_run(record)),
+        "created": not existed,
+        "ended": record.status in ENDED_STATUSES,
+    }
+    return JSONResponse(body, status_code=200 if existed else 201)
 
 
 @router.post(
@@ -162,18 +196,45 @@ async def start_run(
     tags=["runs"],
     responses=_STARTED,
 )
-async def start_plan(
-    request: Request, response: Response, principal: Operator, body: StartPlanRequest
-) -> dict[str, Any]:
+async def start_plan(request: Request, principal: Operator, body: StartPlanRequest) -> Response:
     """Validate a plan (a saga as data) against the registered steps and start it."""
     server = state_of(request)
-    app = server.app
-    existed = body.run_id is not None and await app.store.get_run(body.run_id) is not None
-    handle = await app.start_plan(body.plan, run_id=body.run_id, timeout=body.timeout)
-    info = await app.describe(handle.run_id)
-    server.stats.invalidate()
-    response.status_code = 200 if existed else 201
-    return {"run": summary(info), "created": not existed}
+    handle = await server.app.start_plan(body.plan, run_id=body.run_id, timeout=body.timeout)
+    return _started(server, handle, await _record_of(handle))
+
+
+@router.get(
+    "/runs/{run_id:path}/result",
+    response_model=RunResult,
+    tags=["runs"],
+    responses=error_responses(*AUTH, 404, 429),
+)
+async def run_result(
+    request: Request,
+    principal: Reader,
+    run_id: str,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0,
+) -> dict[str, Any]:
+    """The run's result, or why it has none. With ``wait`` (seconds, at most 60) the answer
+    comes as soon as the run ends, or when the wait runs out with the run's current status
+    (``ended`` false: the run goes on)."""
+    server = state_of(request)
+    handle = server.app.get_handle(checked_run_id(run_id))
+    if wait > 0:
+        with server.waiters.hold():
+            record = await handle.wait(wait)
+    else:
+        record = await handle.wait(0)
+    info = describe_run(record)
+    ended = record.status in ENDED_STATUSES
+    return {
+        "run_id": info.run_id,
+        "saga": info.saga,
+        "status": info.status.value,
+        "ended": ended,
+        "result": info.result if record.status is RunStatus.COMPLETED else None,
+        "error": info.error if ended else None,
+    }
 
 
 @router.get(

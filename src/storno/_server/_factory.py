@@ -19,7 +19,7 @@ from storno._server._errors import BodyLimit, install_handlers
 from storno._server._guards import EncodedSlashes, LoopbackHosts
 from storno._server._logging import AccessLog, EventLog
 from storno._server._metrics import Metrics
-from storno._server._state import ServerState
+from storno._server._state import DEFAULT_MAX_WAITERS, ServerState, WaitSlots
 from storno._server._stats import StatsCache
 from storno._stuck import DEFAULT_STUCK_AFTER
 
@@ -50,12 +50,14 @@ def create_app(
     event_log: bool = True,
     tracing: Any = None,
     dashboard: bool = True,
+    max_waiters: int = DEFAULT_MAX_WAITERS,
 ) -> FastAPI:
     """The server for a storno application.
 
     ``tokens`` decides who may do what (:class:`TokenStore`). ``worker`` also executes runs
     in this process. ``tracing`` is a :class:`storno.server.Tracing` (or any listener) to
-    add. The application is opened when the server starts and closed when it stops.
+    add. ``max_waiters`` bounds the requests waiting for a run's end at once (``wait``).
+    The application is opened when the server starts and closed when it stops.
     """
     if tokens.empty and not tokens.open:
         from storno._errors import ConfigurationError
@@ -76,6 +78,7 @@ def create_app(
         max_body_bytes=limit,
         run_worker=worker,
         worker_options=dict(worker_options or {}),
+        waiters=WaitSlots(max_waiters),
     )
     # Saga objects as declared: Storno.start() registers the options() copy it is given
     # (run id and all), so find_saga() may later return a copy bound to an old run id.

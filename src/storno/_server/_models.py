@@ -23,7 +23,9 @@ __all__ = [
     "RejectRequest",
     "ResolveRequest",
     "RetryRequest",
+    "MAX_WAIT",
     "RunList",
+    "RunResult",
     "RunSummary",
     "RunDetail",
     "SignalRequest",
@@ -37,6 +39,9 @@ __all__ = [
     "check_moment",
     "check_text",
 ]
+
+MAX_WAIT = 60.0
+"""The longest a request may wait for a run's end, in seconds (``wait``)."""
 
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 _SURROGATES = re.compile(r"[\x00\ud800-\udfff]")
@@ -111,6 +116,13 @@ class StartRunRequest(_Body):
     timeout: float | None = Field(default=None, gt=0, le=1e9, description="Deadline, seconds.")
     start_delay: float | None = Field(default=None, gt=0, le=1e9, description="Start later.")
     start_at: Moment | None = Field(default=None, description="Start at (with a time zone).")
+    wait: float | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_WAIT,
+        description="Seconds to wait for the run to end before answering (at most 60): the "
+        "answer's run then holds its result, or its status when the wait ran out.",
+    )
 
 
 class StartPlanRequest(_Body):
@@ -244,6 +256,18 @@ class RunList(BaseModel):
 class StartResult(BaseModel):
     run: RunSummary
     created: bool = Field(description="False when the run id existed (idempotent start).")
+    ended: bool = Field(
+        default=False, description="The run had ended when the answer was made (see wait)."
+    )
+
+
+class RunResult(BaseModel):
+    run_id: str
+    saga: str
+    status: str
+    ended: bool = Field(description="False when the wait ran out first: the run goes on.")
+    result: Any = Field(description="The saga's return value once completed, else null.")
+    error: dict[str, Any] | None = Field(description="Why it did not complete, if it ended so.")
 
 
 class SignalResult(BaseModel):
