@@ -186,16 +186,20 @@ async def run_attempts(
     plan: AttemptPlan[T],
     budget: Budget,
     clock: Clock,
-    rng: Any,
+    rng: Callable[[], Any],
     *,
     last: Failure | None = None,
     backoff: bool = True,
     attempt_timeout: float | None = None,
 ) -> T:
-    """Attempt until a call succeeds, a failure settles it, or the budget ends it."""
+    """Attempt until a call succeeds, a failure settles it, or the budget ends it.
+
+    ``rng`` makes the jitter's random source, only when a backoff needs one (seeding a
+    ``Random`` costs system calls; most steps never retry).
+    """
     while True:
         now = clock.now()
-        delay = budget.delay(last, rng) if backoff else 0.0
+        delay = budget.delay(last, rng()) if backoff and budget.used else 0.0
         backoff = True
         reason = budget.stop_reason(last, now, delay)
         if reason is not None:

@@ -129,7 +129,12 @@ async def _undo_step(
     )
     try:
         await run_attempts(
-            plan, budget, x.host.clock, x.rng, last=last, attempt_timeout=step.compensation_timeout
+            plan,
+            budget,
+            x.host.clock,
+            x.jitter_rng,
+            last=last,
+            attempt_timeout=step.compensation_timeout,
         )
     except _GaveUp as gave_up:
         return gave_up.failure

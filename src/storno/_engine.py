@@ -58,6 +58,7 @@ __all__ = ["EngineHost", "RunExecution"]
 
 log = logging.getLogger("storno.engine")
 T = TypeVar("T")
+_NO_ARGS = '{"args":[],"kwargs":{}}'
 _BIRTH_DELAY = 0.05  # seconds a start waits for the body's first write before forcing it
 
 
@@ -120,6 +121,10 @@ class RunExecution:
     def rng(self) -> random.Random:
         """Jitter and ``ctx.random()``; made on first use (seeding costs two system calls)."""
         return random.Random()
+
+    def jitter_rng(self) -> random.Random:
+        """The random source of retry jitter, made when a retry first needs it."""
+        return self.rng
 
     @property
     def holds_lease(self) -> bool:
@@ -224,9 +229,12 @@ class RunExecution:
             step.check_arguments(args, kwargs)
         except TypeError as exc:
             raise TypeError(f"step {step.name!r} called with bad arguments: {exc}") from None
-        args_text = self.encode_value(
-            {"args": list(args), "kwargs": dict(kwargs)}, f"arguments of step {step.name!r}"
-        )
+        if args or kwargs:
+            args_text = self.encode_value(
+                {"args": list(args), "kwargs": dict(kwargs)}, f"arguments of step {step.name!r}"
+            )
+        else:
+            args_text = _NO_ARGS  # what encoding no arguments gives, without the encoding
         state = replay.step_at(position, f"step {step.name!r}")
         if state is not None:
             if state.name != step.name or state.child_run_id is not None:

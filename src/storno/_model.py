@@ -244,12 +244,15 @@ def seconds(value: float | timedelta | None, what: str) -> float | None:
     return result
 
 
+_BAD_RUN_ID_CHAR = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
+
 def check_run_id(run_id: str) -> str:
     """A run id every store and reader takes: 1 to 200 characters, none of them control
     characters (a NUL cannot be stored in PostgreSQL) or lone surrogates."""
     if not run_id or len(run_id) > 200:
         raise ConfigurationError(f"run_id must be 1 to 200 characters, got {len(run_id)}")
-    if any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in run_id):
+    if _BAD_RUN_ID_CHAR.search(run_id):
         raise ConfigurationError(
             f"run_id {run_id!r} holds control characters or invalid Unicode; use printable text"
         )

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["ForwardAttempts", "read_back"]
 
 _ROLE = "step"
+_SCALARS = frozenset({str, int, bool, type(None)})
 
 
 class ForwardAttempts:
@@ -91,7 +92,7 @@ class ForwardAttempts:
             self,
             budget,
             x.host.clock,
-            x.rng,
+            x.jitter_rng,
             last=last,
             backoff=backoff,
             attempt_timeout=step.attempt_timeout,
@@ -143,6 +144,10 @@ class ForwardAttempts:
         self.x.journal.append(
             EventType.STEP_COMPLETED, self.position, {"attempt": number, **data}, text
         )
+        # The caller gets what a replay would give: the value decoded from its record. A
+        # plain str, int, bool or None comes back as itself, so it needs no decoding.
+        if type(result) in _SCALARS:
+            return result
         return decode(text)
 
     def classify(self, exc: Exception) -> Failure:
