@@ -40,6 +40,7 @@ from storno._store._postgres_connection import PostgresConnection, parse_postgre
 from storno._store._postgres_inbox import deliver_in
 from storno._store._postgres_outbox import PostgresOutbox, insert_entries
 from storno._store._postgres_sql import Statements
+from storno._store._postgres_writer import Redo, Unknown
 from storno._store._rows import (
     EVENT_COLUMNS,
     event_from_row,
@@ -90,6 +91,27 @@ def _same_event(row: dict[str, Any], event: Event) -> bool:
     )
 
 
+def _run_params(run: NewRun, claim_for: str | None, lease_seconds: float) -> dict[str, Any]:
+    """The parameters of a run's insertion (with its first event)."""
+    claimed = claim_for is not None
+    return {
+        "run_id": run.run_id,
+        "saga": run.saga,
+        "status": (RunStatus.RUNNING if claimed else RunStatus.PENDING).value,
+        "input": run.input,
+        "created_at": run.created_at,
+        "deadline": run.deadline,
+        "owner": claim_for,
+        "expires": run.created_at + lease_seconds if claimed else None,
+        "epoch": 1 if claimed else 0,
+        "wake_at": run.wake_at,
+        "parent": run.parent_run_id,
+        "correlation": run.correlation_id,
+        "wake": repr(run.wake_at) if run.wake_at is not None else "",
+        **dict(zip(EVENT_COLUMNS, event_values(run.event), strict=True)),
+    }
+
+
 class _Fenced(Exception):
     """The write's lease is not the run's current one (raised inside, to roll back)."""
 
@@ -135,22 +157,7 @@ class PostgresStore(PostgresConnection, Store):
         taken, unless an earlier try of this very insert committed (then ``True``)."""
         claimed = claim_for is not None
         sql = self._sql.insert_run(claimed)
-        params = {
-            "run_id": run.run_id,
-            "saga": run.saga,
-            "status": (RunStatus.RUNNING if claimed else RunStatus.PENDING).value,
-            "input": run.input,
-            "created_at": run.created_at,
-            "deadline": run.deadline,
-            "owner": claim_for,
-            "expires": run.created_at + lease_seconds if claimed else None,
-            "epoch": 1 if claimed else 0,
-            "wake_at": run.wake_at,
-            "parent": run.parent_run_id,
-            "correlation": run.correlation_id,
-            "wake": repr(run.wake_at) if run.wake_at is not None else "",
-            **dict(zip(EVENT_COLUMNS, event_values(run.event), strict=True)),
-        }
+        params = _run_params(run, claim_for, lease_seconds)
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(sql, params)
         row = await cur.fetchone()
@@ -290,6 +297,25 @@ class PostgresStore(PostgresConnection, Store):
                 notify = (update.notify_run_id, update.notify)
         key = (lease.run_id, lease.epoch)
         emitted = emitted_entries(lease.run_id, events)
+        writer = self._writer
+        if writer is not None and notify is None and not emitted and key not in self._uncertain:
+            # It joins the other runs' writes in the next group commit. A run started here is
+            # inserted first, in the same transaction; if its id is taken, the batch fails and
+            # this write is redone alone, which tells the cases apart.
+            statements = [(sql, params)]
+            if create is not None:
+                created = _run_params(create, lease.owner, lease_seconds)
+                statements.insert(0, (self._sql.create_run(), created))
+            try:
+                got = await writer.write(lease.run_id, statements)
+            except Redo:
+                pass  # rolled back with its batch: write it alone below
+            except Unknown:
+                self._uncertain.add(key)  # its batch may have committed: settled below
+            else:
+                if got is None:
+                    raise lease_lost(lease)
+                return got
 
         async def op(conn: Connection, attempt: int) -> int:
             uncertain = attempt > 0 or key in self._uncertain
@@ -302,8 +328,15 @@ class PostgresStore(PostgresConnection, Store):
                     return int(row[0])
                 async with conn.transaction():
                     if create is not None:
-                        # A run started here is inserted with its first write.
-                        insert = self._insert_run(conn, create, lease.owner, lease_seconds, attempt)
+                        # A run started here is inserted with its first write. If an earlier
+                        # try may have committed, its events tell (the run's row may have
+                        # changed since: a write that waits releases the lease).
+                        if uncertain:
+                            landed = await self._landed(conn, lease.run_id, events)
+                            if landed is not None:
+                                return landed
+                        tries = max(attempt, int(uncertain))
+                        insert = self._insert_run(conn, create, lease.owner, lease_seconds, tries)
                         if not (await insert)[1]:
                             raise RunExistsError(create.run_id)
                     cur = await conn.execute(sql, params)
