@@ -523,6 +523,11 @@ class PostgresStore(PostgresConnection, Store):
             cur = conn.cursor(row_factory=dict_row)
             rows: list[dict[str, Any]] = []
             async with conn.transaction():
+                # Plain index scans, not bitmap ones: a plain scan marks the index entries of
+                # dead row versions (a parked run leaves some behind in each status index) as
+                # dead once it has seen them, so the next claim skips them; a bitmap scan
+                # never does, and walked every one of them, each claim, until vacuum ran.
+                await cur.execute("SET LOCAL enable_bitmapscan = off")
                 batch = plan.free_batch()
                 if batch is not None:
                     await cur.execute(self._sql.claim(request.shape(batch)), request.params(batch))
