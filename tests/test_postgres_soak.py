@@ -218,8 +218,9 @@ async def test_runs_end_once_each_while_connections_are_killed_and_cut(pg_schema
     await _soak(pg_schema, runs=150, seconds=3.0, restarts=False)
 
 
+# Marked postgres only when asked for: --require-postgres fails a skipped postgres test.
 @pytest.mark.slow
-@pytest.mark.postgres
+@(pytest.mark.postgres if SOAK_SECONDS > 0 else pytest.mark.slow)
 @pytest.mark.skipif(SOAK_SECONDS <= 0, reason="the long soak runs with STORNO_TEST_SOAK=SECONDS")
 @pytest.mark.skipif(
     RESTARTS and (shutil.which("pg_ctlcluster") is None or not Path("/etc/postgresql").is_dir()),

@@ -39,12 +39,11 @@ from storno._store._outbox import emitted_entries
 from storno._store._postgres_connection import PostgresConnection, parse_postgres_url, quote
 from storno._store._postgres_inbox import deliver_in
 from storno._store._postgres_outbox import PostgresOutbox, insert_entries
+from storno._store._postgres_params import events_json, run_params, same_event
 from storno._store._postgres_sql import Statements
 from storno._store._postgres_writer import Redo, Unknown
 from storno._store._rows import (
-    EVENT_COLUMNS,
     event_from_row,
-    event_values,
     leased_runs,
     message_from_row,
     run_filters,
@@ -70,46 +69,6 @@ log = logging.getLogger("storno.store.postgres")
 def _limit_key(schema: str, saga: str) -> int:
     """The advisory lock under which claimers count and claim a capped saga's runs."""
     return zlib.crc32(f"storno.limit:{schema}:{saga}".encode())
-
-
-_EVENT_KEYS = ("s", "t", "a", "p", "d", "y")  # EVENT_COLUMNS as json_to_recordset reads them
-
-
-def _events_json(events: Sequence[Event]) -> str:
-    """Events as one JSON text, unpacked by the server (cheaper to send than six arrays).
-    ``data`` goes as a string so that the stored text is exactly what SQLite stores."""
-    return json.dumps([dict(zip(_EVENT_KEYS, event_values(e), strict=True)) for e in events])
-
-
-def _same_event(row: dict[str, Any], event: Event) -> bool:
-    return (
-        row.get("type") == event.type.value
-        and row.get("at") == event.at
-        and row.get("position") == event.position
-        and row.get("data") is not None
-        and json.loads(row["data"]) == event.data
-    )
-
-
-def _run_params(run: NewRun, claim_for: str | None, lease_seconds: float) -> dict[str, Any]:
-    """The parameters of a run's insertion (with its first event)."""
-    claimed = claim_for is not None
-    return {
-        "run_id": run.run_id,
-        "saga": run.saga,
-        "status": (RunStatus.RUNNING if claimed else RunStatus.PENDING).value,
-        "input": run.input,
-        "created_at": run.created_at,
-        "deadline": run.deadline,
-        "owner": claim_for,
-        "expires": run.created_at + lease_seconds if claimed else None,
-        "epoch": 1 if claimed else 0,
-        "wake_at": run.wake_at,
-        "parent": run.parent_run_id,
-        "correlation": run.correlation_id,
-        "wake": repr(run.wake_at) if run.wake_at is not None else "",
-        **dict(zip(EVENT_COLUMNS, event_values(run.event), strict=True)),
-    }
 
 
 class _Fenced(Exception):
@@ -157,7 +116,7 @@ class PostgresStore(PostgresConnection, Store):
         taken, unless an earlier try of this very insert committed (then ``True``)."""
         claimed = claim_for is not None
         sql = self._sql.insert_run(claimed)
-        params = _run_params(run, claim_for, lease_seconds)
+        params = run_params(run, claim_for, lease_seconds)
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(sql, params)
         row = await cur.fetchone()
@@ -279,7 +238,7 @@ class PostgresStore(PostgresConnection, Store):
             "run_id": lease.run_id,
             "owner": lease.owner,
             "epoch": lease.epoch,
-            "events": _events_json(events),
+            "events": events_json(events),
         }
         notify: tuple[str, InboxMessage] | None = None
         if update is not None:
@@ -304,7 +263,7 @@ class PostgresStore(PostgresConnection, Store):
             # this write is redone alone, which tells the cases apart.
             statements = [(sql, params)]
             if create is not None:
-                created = _run_params(create, lease.owner, lease_seconds)
+                created = run_params(create, lease.owner, lease_seconds)
                 statements.insert(0, (self._sql.create_run(), created))
             try:
                 got = await writer.write(lease.run_id, statements)
@@ -396,7 +355,7 @@ class PostgresStore(PostgresConnection, Store):
             (events[0].seq, run_id),
         )
         row = await cur.fetchone()
-        if row is None or not _same_event(row, events[0]):
+        if row is None or not same_event(row, events[0]):
             return None
         log.info("run %s: a write whose answer was lost had committed", run_id)
         return int(row["inbox_seq"])
@@ -494,7 +453,7 @@ class PostgresStore(PostgresConnection, Store):
             (run_id,),
         )
         last = await cur.fetchone()
-        if last is None or not _same_event(last, Event(0, event_type, now, None, data)):
+        if last is None or not same_event(last, Event(0, event_type, now, None, data)):
             return None
         await cur.execute(f"SELECT * FROM {self._runs} WHERE run_id = %s", (run_id,))
         row = await cur.fetchone()

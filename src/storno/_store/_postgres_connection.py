@@ -310,8 +310,15 @@ class PostgresConnection:
         async def once() -> T:
             nonlocal attempt
             attempt += 1
-            async with pool.connection() as conn:
-                return await fn(conn, attempt)
+            try:
+                async with pool.connection() as conn:
+                    return await fn(conn, attempt)
+            except (psycopg.OperationalError, OSError):
+                # What dropped this connection (a restart, killed backends) may have dropped
+                # the idle ones too: discard those now rather than spend a try on each.
+                with contextlib.suppress(Exception):
+                    await pool.check()
+                raise
 
         return await self._retrying(what, once)
 
