@@ -189,6 +189,19 @@ def _lose_first_answer(store: Store) -> list[str]:
         return await original(what, once)
 
     store._retrying = retrying  # type: ignore[attr-defined]
+    # Writes go through the group-commit writer: lose the answer of its next batch the same way.
+    writer = store._writer  # type: ignore[attr-defined]
+    send = writer._send
+
+    async def send_and_lose(conn: Any, batch: Any) -> Any:
+        rows = await send(conn, batch)
+        if not hit:
+            hit.append("write")
+            writer._send = send
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return rows
+
+    writer._send = send_and_lose
     return hit
 
 

@@ -39,11 +39,11 @@ from storno._store._outbox import emitted_entries
 from storno._store._postgres_connection import PostgresConnection, parse_postgres_url, quote
 from storno._store._postgres_inbox import deliver_in
 from storno._store._postgres_outbox import PostgresOutbox, insert_entries
+from storno._store._postgres_params import events_json, run_params, same_event
 from storno._store._postgres_sql import Statements
+from storno._store._postgres_writer import Redo, Unknown
 from storno._store._rows import (
-    EVENT_COLUMNS,
     event_from_row,
-    event_values,
     leased_runs,
     message_from_row,
     run_filters,
@@ -69,25 +69,6 @@ log = logging.getLogger("storno.store.postgres")
 def _limit_key(schema: str, saga: str) -> int:
     """The advisory lock under which claimers count and claim a capped saga's runs."""
     return zlib.crc32(f"storno.limit:{schema}:{saga}".encode())
-
-
-_EVENT_KEYS = ("s", "t", "a", "p", "d", "y")  # EVENT_COLUMNS as json_to_recordset reads them
-
-
-def _events_json(events: Sequence[Event]) -> str:
-    """Events as one JSON text, unpacked by the server (cheaper to send than six arrays).
-    ``data`` goes as a string so that the stored text is exactly what SQLite stores."""
-    return json.dumps([dict(zip(_EVENT_KEYS, event_values(e), strict=True)) for e in events])
-
-
-def _same_event(row: dict[str, Any], event: Event) -> bool:
-    return (
-        row.get("type") == event.type.value
-        and row.get("at") == event.at
-        and row.get("position") == event.position
-        and row.get("data") is not None
-        and json.loads(row["data"]) == event.data
-    )
 
 
 class _Fenced(Exception):
@@ -135,22 +116,7 @@ class PostgresStore(PostgresConnection, Store):
         taken, unless an earlier try of this very insert committed (then ``True``)."""
         claimed = claim_for is not None
         sql = self._sql.insert_run(claimed)
-        params = {
-            "run_id": run.run_id,
-            "saga": run.saga,
-            "status": (RunStatus.RUNNING if claimed else RunStatus.PENDING).value,
-            "input": run.input,
-            "created_at": run.created_at,
-            "deadline": run.deadline,
-            "owner": claim_for,
-            "expires": run.created_at + lease_seconds if claimed else None,
-            "epoch": 1 if claimed else 0,
-            "wake_at": run.wake_at,
-            "parent": run.parent_run_id,
-            "correlation": run.correlation_id,
-            "wake": repr(run.wake_at) if run.wake_at is not None else "",
-            **dict(zip(EVENT_COLUMNS, event_values(run.event), strict=True)),
-        }
+        params = run_params(run, claim_for, lease_seconds)
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(sql, params)
         row = await cur.fetchone()
@@ -272,7 +238,7 @@ class PostgresStore(PostgresConnection, Store):
             "run_id": lease.run_id,
             "owner": lease.owner,
             "epoch": lease.epoch,
-            "events": _events_json(events),
+            "events": events_json(events),
         }
         notify: tuple[str, InboxMessage] | None = None
         if update is not None:
@@ -290,6 +256,25 @@ class PostgresStore(PostgresConnection, Store):
                 notify = (update.notify_run_id, update.notify)
         key = (lease.run_id, lease.epoch)
         emitted = emitted_entries(lease.run_id, events)
+        writer = self._writer
+        if writer is not None and notify is None and not emitted and key not in self._uncertain:
+            # It joins the other runs' writes in the next group commit. A run started here is
+            # inserted first, in the same transaction; if its id is taken, the batch fails and
+            # this write is redone alone, which tells the cases apart.
+            statements = [(sql, params)]
+            if create is not None:
+                created = run_params(create, lease.owner, lease_seconds)
+                statements.insert(0, (self._sql.create_run(), created))
+            try:
+                got = await writer.write(lease.run_id, statements)
+            except Redo:
+                pass  # rolled back with its batch: write it alone below
+            except Unknown:
+                self._uncertain.add(key)  # its batch may have committed: settled below
+            else:
+                if got is None:
+                    raise lease_lost(lease)
+                return got
 
         async def op(conn: Connection, attempt: int) -> int:
             uncertain = attempt > 0 or key in self._uncertain
@@ -302,8 +287,15 @@ class PostgresStore(PostgresConnection, Store):
                     return int(row[0])
                 async with conn.transaction():
                     if create is not None:
-                        # A run started here is inserted with its first write.
-                        insert = self._insert_run(conn, create, lease.owner, lease_seconds, attempt)
+                        # A run started here is inserted with its first write. If an earlier
+                        # try may have committed, its events tell (the run's row may have
+                        # changed since: a write that waits releases the lease).
+                        if uncertain:
+                            landed = await self._landed(conn, lease.run_id, events)
+                            if landed is not None:
+                                return landed
+                        tries = max(attempt, int(uncertain))
+                        insert = self._insert_run(conn, create, lease.owner, lease_seconds, tries)
                         if not (await insert)[1]:
                             raise RunExistsError(create.run_id)
                     cur = await conn.execute(sql, params)
@@ -363,7 +355,7 @@ class PostgresStore(PostgresConnection, Store):
             (events[0].seq, run_id),
         )
         row = await cur.fetchone()
-        if row is None or not _same_event(row, events[0]):
+        if row is None or not same_event(row, events[0]):
             return None
         log.info("run %s: a write whose answer was lost had committed", run_id)
         return int(row["inbox_seq"])
@@ -461,7 +453,7 @@ class PostgresStore(PostgresConnection, Store):
             (run_id,),
         )
         last = await cur.fetchone()
-        if last is None or not _same_event(last, Event(0, event_type, now, None, data)):
+        if last is None or not same_event(last, Event(0, event_type, now, None, data)):
             return None
         await cur.execute(f"SELECT * FROM {self._runs} WHERE run_id = %s", (run_id,))
         row = await cur.fetchone()
@@ -490,6 +482,11 @@ class PostgresStore(PostgresConnection, Store):
             cur = conn.cursor(row_factory=dict_row)
             rows: list[dict[str, Any]] = []
             async with conn.transaction():
+                # Plain index scans, not bitmap ones: a plain scan marks the index entries of
+                # dead row versions (a parked run leaves some behind in each status index) as
+                # dead once it has seen them, so the next claim skips them; a bitmap scan
+                # never does, and walked every one of them, each claim, until vacuum ran.
+                await cur.execute("SET LOCAL enable_bitmapscan = off")
                 batch = plan.free_batch()
                 if batch is not None:
                     await cur.execute(self._sql.claim(request.shape(batch)), request.params(batch))

@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from storno._errors import ConfigurationError, StoreError
 from storno._store._migrations import SchemaStatus, available, redact, status_of, too_new
+from storno._store._postgres_writer import BatchWriter
 
 # This module imports without the driver (the CLI imports the store classes); a store made
 # for a PostgreSQL URL refuses to start without it (see _need_driver).
@@ -145,6 +146,7 @@ class PostgresConnection:
         self.channel = f"storno:{self.schema}"
         self.outbox_channel = f"storno_outbox:{self.schema}"
         self._pool: Pool | None = None
+        self._writer: BatchWriter | None = None  # group commit, on a connection of its own
         self._callbacks: list[Callable[[], None]] = []
         self._outbox_callbacks: list[Callable[[], None]] = []
         self._listener: asyncio.Task[None] | None = None
@@ -276,6 +278,7 @@ class PostgresConnection:
                 f"cannot connect to PostgreSQL at {redact(self.url)}: {str(exc).strip()}"
             ) from exc
         self._pool = pool
+        self._writer = BatchWriter(self._connect)
         if self._callbacks or self._outbox_callbacks:
             self._start_listener()
 
@@ -289,6 +292,9 @@ class PostgresConnection:
             self._timer.cancel()
             self._timer = None
         self._timers = []
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -304,8 +310,15 @@ class PostgresConnection:
         async def once() -> T:
             nonlocal attempt
             attempt += 1
-            async with pool.connection() as conn:
-                return await fn(conn, attempt)
+            try:
+                async with pool.connection() as conn:
+                    return await fn(conn, attempt)
+            except (psycopg.OperationalError, OSError):
+                # What dropped this connection (a restart, killed backends) may have dropped
+                # the idle ones too: discard those now rather than spend a try on each.
+                with contextlib.suppress(Exception):
+                    await pool.check()
+                raise
 
         return await self._retrying(what, once)
 

@@ -62,6 +62,26 @@ class Statements:
         self._cache[key] = sql
         return sql
 
+    def create_run(self) -> str:
+        """Insert a claimed run and its first event; fails if the id is taken (for the group
+        commit: the batch is then redone with each write alone, see :meth:`insert_run`)."""
+        key = ("create_run",)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        sql = (
+            f"WITH ins AS (INSERT INTO {self.runs} (run_id, saga, status, input, created_at,"
+            " updated_at, deadline, owner, lease_expires_at, epoch, wake_at, parent_run_id,"
+            " correlation_id) VALUES (%(run_id)s, %(saga)s, %(status)s, %(input)s,"
+            " %(created_at)s, %(created_at)s, %(deadline)s, %(owner)s, %(expires)s, %(epoch)s,"
+            " %(wake_at)s, %(parent)s, %(correlation)s) RETURNING run_id)"
+            f" INSERT INTO {self.events} (run_id, seq, type, at, position, data, payload)"
+            " SELECT run_id, %(seq)s, %(type)s, %(at)s, %(position)s, %(data)s, %(payload)s"
+            " FROM ins"
+        )
+        self._cache[key] = sql
+        return sql
+
     def _insert_events(self) -> str:
         """The CTE that appends ``%(events)s`` if the ``upd`` CTE found the run leased."""
         return (
