@@ -29,6 +29,18 @@ class _Dialect:
 
 _DIALECT = _Dialect()
 
+# A new run's row and its first event, as both statements that create a run insert them.
+_RUN_VALUES = (
+    "(run_id, saga, status, input, created_at, updated_at, deadline, owner, lease_expires_at,"
+    " epoch, wake_at, parent_run_id, correlation_id) VALUES (%(run_id)s, %(saga)s, %(status)s,"
+    " %(input)s, %(created_at)s, %(created_at)s, %(deadline)s, %(owner)s, %(expires)s,"
+    " %(epoch)s, %(wake_at)s, %(parent)s, %(correlation)s)"
+)
+_FIRST_EVENT = (
+    "(run_id, seq, type, at, position, data, payload)"
+    " SELECT run_id, %(seq)s, %(type)s, %(at)s, %(position)s, %(data)s, %(payload)s"
+)
+
 
 class Statements:
     """The statements of one store (one schema)."""
@@ -49,14 +61,9 @@ class Statements:
         # A run claimed by its creator is executed at once; only others need waking.
         notify = "" if claimed else f", {self._notify('%(wake)s')} AS notified"
         sql = (
-            f"WITH ins AS (INSERT INTO {self.runs} (run_id, saga, status, input, created_at,"
-            " updated_at, deadline, owner, lease_expires_at, epoch, wake_at, parent_run_id,"
-            " correlation_id) VALUES (%(run_id)s, %(saga)s, %(status)s, %(input)s,"
-            " %(created_at)s, %(created_at)s, %(deadline)s, %(owner)s, %(expires)s, %(epoch)s,"
-            " %(wake_at)s, %(parent)s, %(correlation)s)"
+            f"WITH ins AS (INSERT INTO {self.runs} {_RUN_VALUES}"
             " ON CONFLICT (run_id) DO NOTHING RETURNING *),"
-            f" ev AS (INSERT INTO {self.events} (run_id, seq, type, at, position, data, payload)"
-            " SELECT run_id, %(seq)s, %(type)s, %(at)s, %(position)s, %(data)s, %(payload)s"
+            f" ev AS (INSERT INTO {self.events} {_FIRST_EVENT}"
             f" FROM ins) SELECT ins.*{notify} FROM ins"
         )
         self._cache[key] = sql
@@ -70,13 +77,8 @@ class Statements:
         if cached is not None:
             return cached
         sql = (
-            f"WITH ins AS (INSERT INTO {self.runs} (run_id, saga, status, input, created_at,"
-            " updated_at, deadline, owner, lease_expires_at, epoch, wake_at, parent_run_id,"
-            " correlation_id) VALUES (%(run_id)s, %(saga)s, %(status)s, %(input)s,"
-            " %(created_at)s, %(created_at)s, %(deadline)s, %(owner)s, %(expires)s, %(epoch)s,"
-            " %(wake_at)s, %(parent)s, %(correlation)s) RETURNING run_id)"
-            f" INSERT INTO {self.events} (run_id, seq, type, at, position, data, payload)"
-            " SELECT run_id, %(seq)s, %(type)s, %(at)s, %(position)s, %(data)s, %(payload)s"
+            f"WITH ins AS (INSERT INTO {self.runs} {_RUN_VALUES} RETURNING run_id)"
+            f" INSERT INTO {self.events} {_FIRST_EVENT}"
             " FROM ins"
         )
         self._cache[key] = sql
